@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_VAR_DIR = Path("var")
+
+# Extension of the stored object for each accepted content type; the filename is ours.
+CONTENT_TYPE_EXTENSIONS = {
+    "image/png": "png",
+    "image/webp": "webp",
+    "image/jpeg": "jpg",
+    "application/dicom": "dcm",
+    "application/octet-stream": "bin",
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    database_url: str = ""
+    var_dir: Path = DEFAULT_VAR_DIR
+
+    storage_provider: Literal["local", "s3", "minio"] = "local"
+    local_storage_dir: Path | None = None
+    local_storage_secret: str = ""
+    s3_bucket_name: str = "pacs-masks"
+    s3_region: str = "us-east-1"
+    s3_endpoint_url: str | None = None
+    s3_public_endpoint_url: str | None = None
+    s3_force_path_style: bool | None = None
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+
+    signed_url_default_ttl: int = Field(600, ge=1)
+    signed_url_max_ttl: int = Field(3600, ge=1)
+    max_mask_size_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    allowed_content_types: Annotated[list[str], NoDecode] = ["image/png"]
+    max_slices_per_call: int = Field(5000, ge=1)
+    max_slice_count: int = Field(100_000, ge=1, le=100_000)
+
+    public_base_url: str = ""
+    cors_origins: Annotated[list[str], NoDecode] = []
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+
+    @field_validator("allowed_content_types", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("allowed_content_types")
+    @classmethod
+    def _known_content_types(cls, value: list[str]) -> list[str]:
+        unknown = [item for item in value if item not in CONTENT_TYPE_EXTENSIONS]
+        if unknown:
+            raise ValueError(
+                f"unsupported content types {unknown}; known: {sorted(CONTENT_TYPE_EXTENSIONS)}"
+            )
+        return value
+
+    @property
+    def is_embedded_database(self) -> bool:
+        return not self.database_url
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            url = self.database_url
+            # Operators paste libpq-style URLs; the async engine needs the asyncpg driver.
+            for prefix in ("postgresql://", "postgres://"):
+                if url.startswith(prefix):
+                    return "postgresql+asyncpg://" + url[len(prefix) :]
+            if url.startswith("sqlite://") and not url.startswith("sqlite+aiosqlite://"):
+                return "sqlite+aiosqlite://" + url[len("sqlite://") :]
+            return url
+        return f"sqlite+aiosqlite:///{(self.var_dir / 'pacs-masks.db').resolve()}"
+
+    @property
+    def resolved_local_storage_dir(self) -> Path:
+        return (self.local_storage_dir or self.var_dir / "storage").resolve()
+
+    @property
+    def resolved_public_base_url(self) -> str:
+        if self.public_base_url:
+            return self.public_base_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def is_path_style(self) -> bool:
+        if self.s3_force_path_style is not None:
+            return self.s3_force_path_style
+        # MinIO and test servers answer on one host; AWS prefers virtual-hosted buckets.
+        return self.storage_provider == "minio" or self.s3_endpoint_url is not None

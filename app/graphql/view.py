@@ -1,0 +1,200 @@
+"""/graphql over HTTP (GraphQL-over-HTTP spec): POST JSON, GET queries, GraphiQL for browsers.
+
+Written on Starlette directly rather than strawberry.asgi so that media types, status codes,
+error codes and request ids follow our contract."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from graphql import GraphQLError, OperationType, get_operation_ast, parse
+from graphql.error import GraphQLSyntaxError
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from strawberry.http.ides import get_graphql_ide_html
+
+from app.errors import AppError, StorageUnavailable
+from app.graphql.context import Context
+from app.graphql.schema import Schema
+from app.storage import StorageError
+
+logger = logging.getLogger("app.graphql")
+
+JSON_MEDIA = "application/json"
+GRAPHQL_RESPONSE_MEDIA = "application/graphql-response+json"
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def _accepted_media(request: Request) -> str | None:
+    accept = request.headers.get("accept", "")
+    if not accept.strip():
+        return JSON_MEDIA
+    ranked: list[tuple[float, int, str]] = []
+    for position, part in enumerate(accept.split(",")):
+        media, *params = (item.strip() for item in part.split(";"))
+        quality = 1.0
+        for param in params:
+            if param.startswith("q="):
+                try:
+                    quality = float(param[2:])
+                except ValueError:
+                    quality = 0.0
+        if quality > 0:
+            ranked.append((-quality, position, media.lower()))
+    for _, _, media in sorted(ranked):
+        if media == GRAPHQL_RESPONSE_MEDIA:
+            return GRAPHQL_RESPONSE_MEDIA
+        if media in (JSON_MEDIA, "application/*", "*/*"):
+            return JSON_MEDIA
+    return None
+
+
+async def _read_params(request: Request) -> dict[str, Any]:
+    if request.method == "GET":
+        params: dict[str, Any] = dict(request.query_params)
+        for name in ("variables", "extensions"):
+            if params.get(name):
+                try:
+                    params[name] = json.loads(params[name])
+                except ValueError as error:
+                    raise RequestError(400, f"{name} is not valid JSON") from error
+        return params
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != JSON_MEDIA:
+        raise RequestError(415, "POST requests must have Content-Type: application/json")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > MAX_BODY_BYTES:
+            raise RequestError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+    try:
+        params = json.loads(body)
+    except ValueError as error:
+        raise RequestError(400, "request body is not valid JSON") from error
+    if not isinstance(params, dict):
+        raise RequestError(400, "request body must be a JSON object")
+    return params
+
+
+def format_error(error: GraphQLError, request_id: str) -> dict[str, Any]:
+    original = error.original_error
+    if isinstance(original, StorageError):
+        original = StorageUnavailable(f"storage is unavailable: {original}")
+    formatted: dict[str, Any] = {"message": error.message}
+    if error.locations:
+        formatted["locations"] = [
+            {"line": loc.line, "column": loc.column} for loc in error.locations
+        ]
+    if error.path:
+        formatted["path"] = error.path
+    if isinstance(original, AppError):
+        formatted["message"] = original.message
+        formatted["extensions"] = original.extensions
+    elif original is None:
+        formatted["extensions"] = {"code": "BAD_USER_INPUT"}
+    else:
+        # Internals (SQL, stack, paths) stay in our log; the client gets the id to quote.
+        logger.error(
+            "unexpected error in %s (request %s)",
+            ".".join(str(part) for part in error.path or []) or "operation",
+            request_id,
+            exc_info=original,
+        )
+        formatted["message"] = "Internal server error"
+        formatted["extensions"] = {"code": "INTERNAL_SERVER_ERROR", "requestId": request_id}
+    return formatted
+
+
+async def graphql_endpoint(request: Request) -> Response:
+    state = request.app.state
+    request_id: str = request.state.request_id
+    settings = state.settings
+    if (
+        request.method == "GET"
+        and "text/html" in request.headers.get("accept", "")
+        and ("query" not in request.query_params)
+    ):
+        return HTMLResponse(get_graphql_ide_html(graphql_ide="graphiql"))
+    media = _accepted_media(request)
+    if media is None:
+        return JSONResponse(
+            {
+                "errors": [
+                    {"message": f"Accept must allow application/json or {GRAPHQL_RESPONSE_MEDIA}"}
+                ]
+            },
+            status_code=406,
+        )
+    try:
+        params = await _read_params(request)
+        query = params.get("query")
+        variables = params.get("variables")
+        operation_name = params.get("operationName")
+        if not isinstance(query, str) or not query.strip():
+            raise RequestError(400, "query must be a non-empty string")
+        if variables is not None and not isinstance(variables, dict):
+            raise RequestError(400, "variables must be a JSON object")
+        if operation_name is not None and not isinstance(operation_name, str):
+            raise RequestError(400, "operationName must be a string")
+        if request.method == "GET":
+            _refuse_mutation_over_get(query, operation_name)
+    except RequestError as error:
+        return _respond(
+            {"errors": [{"message": error.message, "extensions": {"code": "BAD_USER_INPUT"}}]},
+            error.status,
+            media,
+            error.headers,
+        )
+
+    schema: Schema = state.schema
+    context = Context(
+        request=request,
+        settings=settings,
+        sessionmaker=state.sessionmaker,
+        storage=state.storage,
+        request_id=request_id,
+    )
+    result = await schema.execute(
+        query, variable_values=variables, context_value=context, operation_name=operation_name
+    )
+    payload: dict[str, Any] = {}
+    if result.errors:
+        payload["errors"] = [format_error(error, request_id) for error in result.errors]
+    is_request_error = result.data is None and all(
+        error.path is None for error in result.errors or []
+    )
+    if not is_request_error:
+        payload["data"] = result.data
+    status = 400 if is_request_error and media == GRAPHQL_RESPONSE_MEDIA else 200
+    return _respond(payload, status, media)
+
+
+def _refuse_mutation_over_get(query: str, operation_name: str | None) -> None:
+    try:
+        document = parse(query)
+    except GraphQLSyntaxError:
+        return  # execution reports the syntax error in the usual shape
+    operation = get_operation_ast(document, operation_name)
+    if operation is not None and operation.operation is not OperationType.QUERY:
+        raise RequestError(405, "only queries may be sent with GET", {"Allow": "POST"})
+
+
+def _respond(
+    payload: dict[str, Any], status: int, media: str, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        json.dumps(payload, separators=(",", ":"), ensure_ascii=False),
+        status_code=status,
+        media_type=media,
+        headers=headers,
+    )

@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    func,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.db import Base
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on every backend: SQLite stores naive values and returns them naive."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class MaskGroupStatus(enum.Enum):
+    PENDING = "PENDING"
+    UPLOADING = "UPLOADING"
+    COMPLETE = "COMPLETE"
+
+
+class Annotation(Base):
+    __tablename__ = "annotation_annotation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    label: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    mask_groups: Mapped[list[MaskGroup]] = relationship(
+        back_populates="annotation", lazy="raise", passive_deletes=True
+    )
+
+
+class MaskGroup(Base):
+    __tablename__ = "annotation_mask_group"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    annotation_id: Mapped[int] = mapped_column(
+        ForeignKey("annotation_annotation.id", ondelete="CASCADE"), index=True
+    )
+    group_name: Mapped[str | None] = mapped_column(Text)
+    model_name: Mapped[str | None] = mapped_column(Text, index=True)
+    version: Mapped[str | None] = mapped_column(Text)
+    modality: Mapped[str | None] = mapped_column(Text)
+    slice_count: Mapped[int] = mapped_column(Integer, default=1)
+    mask_type: Mapped[str] = mapped_column(Text, default="segmentation")
+    description: Mapped[str | None] = mapped_column(Text)
+    confidence: Mapped[float | None] = mapped_column(Float)
+    inference_parameters: Mapped[Any] = mapped_column(JSON, nullable=True)
+    created_by: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    status: Mapped[MaskGroupStatus] = mapped_column(
+        Enum(MaskGroupStatus, native_enum=False, length=16, validate_strings=True),
+        default=MaskGroupStatus.PENDING,
+    )
+    # Kept with the registering statement so the group list never aggregates its masks.
+    uploaded_slice_count: Mapped[int] = mapped_column(Integer, default=0)
+    total_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Latest expiry of a PUT URL issued for the group: an upload can land until then, so
+    # storage cleanup after a delete must look again at that moment.
+    upload_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    annotation: Mapped[Annotation] = relationship(back_populates="mask_groups", lazy="raise")
+    masks: Mapped[list[Mask]] = relationship(
+        back_populates="mask_group", lazy="raise", passive_deletes=True
+    )
+
+
+class Mask(Base):
+    __tablename__ = "annotation_mask"
+    __table_args__ = (
+        # The slice triple is unique; a missing label is one value, not many (NULL != NULL).
+        Index(
+            "uq_annotation_mask_slice",
+            "mask_group_id",
+            "slice_index",
+            func.coalesce("label_name", ""),
+            unique=True,
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mask_group_id: Mapped[int] = mapped_column(
+        ForeignKey("annotation_mask_group.id", ondelete="CASCADE"), index=True
+    )
+    slice_index: Mapped[int] = mapped_column(Integer)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    label_name: Mapped[str | None] = mapped_column(String(64))
+    file_path: Mapped[str] = mapped_column(Text)
+    mime_type: Mapped[str] = mapped_column(String(64), default="image/png")
+    file_size: Mapped[int] = mapped_column(BigInteger)
+    checksum: Mapped[str] = mapped_column(String(36))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    mask_group: Mapped[MaskGroup] = relationship(back_populates="masks", lazy="raise")
+
+
+class MaskUpload(Base):
+    """A PUT URL issued and not yet completed: what the client declared it would upload."""
+
+    __tablename__ = "annotation_mask_upload"
+    __table_args__ = (
+        Index(
+            "uq_annotation_mask_upload_slice",
+            "mask_group_id",
+            "slice_index",
+            func.coalesce("label_name", ""),
+            unique=True,
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mask_group_id: Mapped[int] = mapped_column(
+        ForeignKey("annotation_mask_group.id", ondelete="CASCADE"), index=True
+    )
+    slice_index: Mapped[int] = mapped_column(Integer)
+    label_name: Mapped[str | None] = mapped_column(String(64))
+    file_path: Mapped[str] = mapped_column(Text)
+    content_type: Mapped[str] = mapped_column(String(64))
+    file_size: Mapped[int] = mapped_column(BigInteger)
+    content_md5: Mapped[str] = mapped_column(String(32))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class StorageDeletion(Base):
+    """Objects under a prefix that must be removed from storage; a row is dropped only once
+    storage confirmed it and no issued upload URL can still write there."""
+
+    __tablename__ = "storage_deletion"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prefix: Mapped[str] = mapped_column(Text)
+    mask_group_id: Mapped[int | None] = mapped_column(Integer)
+    not_before: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

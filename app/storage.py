@@ -1,0 +1,121 @@
+"""The storage protocol, the key rule, and the factory that picks a backend from settings.
+
+Backends: `app.s3` (S3 / MinIO through aiobotocore) and `app.local_storage` (local disk,
+served and verified by this app under /storage/...).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from app.config import CONTENT_TYPE_EXTENSIONS, Settings
+
+KEY_ROOT = "mask"
+LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class StorageError(Exception):
+    """Storage could not be reached or refused a request we expected it to accept."""
+
+
+def group_prefix(annotation_id: int, group_id: int) -> str:
+    return f"{KEY_ROOT}/{annotation_id}/{group_id}/"
+
+
+def mask_key(
+    annotation_id: int, group_id: int, slice_index: int, label_name: str | None, content_type: str
+) -> str:
+    """mask/{annotation_id}/{group_id}/slice_00007[_label].png; callers validate the label."""
+    extension = CONTENT_TYPE_EXTENSIONS[content_type]
+    suffix = f"_{label_name}" if label_name else ""
+    return f"{group_prefix(annotation_id, group_id)}slice_{slice_index:05d}{suffix}.{extension}"
+
+
+def md5_base64_to_hex(content_md5: str) -> str | None:
+    """The hex digest of an RFC 1864 Content-MD5 value, None if it is not one."""
+    try:
+        raw = base64.b64decode(content_md5, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw.hex() if len(raw) == 16 else None
+
+
+def md5_hex_to_base64(md5_hex: str) -> str:
+    return base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class SignedRequest:
+    url: str
+    method: str
+    # Headers the client must send exactly as given: they are part of the signature.
+    headers: tuple[tuple[str, str], ...]
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    key: str
+    size: int
+    # Lowercase hex MD5 of the content when storage knows it (single-part PUT), else None.
+    md5_hex: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectStream:
+    size: int
+    etag: str
+    content_type: str
+    chunks: AsyncIterator[bytes]
+
+
+class Storage(Protocol):
+    def presign_put(
+        self,
+        key: str,
+        *,
+        content_type: str,
+        content_md5: str,
+        content_length: int,
+        expires_in: int,
+        now: datetime,
+    ) -> SignedRequest:
+        """A PUT that storage accepts only with this Content-Type and Content-MD5 (base64)."""
+        ...
+
+    def presign_get(self, key: str, *, expires_in: int, now: datetime) -> SignedRequest: ...
+
+    async def stat_objects(self, keys: Sequence[str]) -> dict[str, StoredObject]:
+        """Size and MD5 of those of `keys` that exist, by listing (one call per 1000 keys),
+        never one request per key. All keys share one group prefix."""
+        ...
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Remove every object under `prefix`; returns how many were removed."""
+        ...
+
+    async def open(self, key: str) -> ObjectStream | None:
+        """Stream one object; None when it does not exist."""
+        ...
+
+    async def ensure_bucket(self, cors_origins: Sequence[str]) -> None:
+        """Create the bucket (or folder) if missing and apply CORS for the viewer origins."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+async def create_storage(settings: Settings) -> Storage:
+    if settings.storage_provider == "local":
+        from app.local_storage import LocalStorage
+
+        return LocalStorage.from_settings(settings)
+    from app.s3 import S3Storage
+
+    return await S3Storage.from_settings(settings)
