@@ -35,13 +35,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from app.config import CONTENT_TYPE_EXTENSIONS, Settings
-from app.storage import (
-    ObjectStream,
-    SignedRequest,
-    StorageError,
-    StoredObject,
-    md5_base64_to_hex,
-)
+from app.storage import ObjectStream, SignedRequest, StorageError, StoredObject, md5_base64_to_hex
 
 CHUNK_SIZE = 64 * 1024
 # Upload bodies are written in batches of this size so small masks cost one thread hop in all.
@@ -73,11 +67,7 @@ def _read_meta(path: Path, st: os.stat_result) -> tuple[str, str] | None:
     """
     try:
         meta = json.loads(path.read_bytes())
-        if (meta["ino"], meta["size"], meta["mtime_ns"]) == (
-            st.st_ino,
-            st.st_size,
-            st.st_mtime_ns,
-        ):
+        if [meta["ino"], meta["size"], meta["mtime_ns"]] == [st.st_ino, st.st_size, st.st_mtime_ns]:
             return str(meta["md5"]), str(meta["content_type"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -90,17 +80,6 @@ def _hash_fd(fd: int) -> str:
         digest.update(block)
         offset += len(block)
     return digest.hexdigest()
-
-
-def _describe(path: Path, fd: int) -> tuple[int, str, str] | None:
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    meta = _read_meta(_sidecar(path), st) or (
-        _hash_fd(fd),
-        _MIME_BY_EXTENSION.get(path.suffix[1:], "application/octet-stream"),
-    )
-    return st.st_size, *meta
 
 
 class _FileChunks:
@@ -135,17 +114,27 @@ class _FileChunks:
     __del__ = close
 
 
-def _open_object(path: Path) -> tuple[_FileChunks, int, str, str] | None:
+def _open_object(path: Path) -> tuple[int, int, str, str] | None:
+    """(fd, size, md5 hex, content type). The caller wraps the fd in _FileChunks at once: an
+    object built here would stay referenced by the idle worker thread and keep the file open.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    chunks = _FileChunks(fd)
-    described = _describe(path, fd)
-    if described is None:
-        chunks.close()
-        return None
-    return chunks, *described
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            meta = _read_meta(_sidecar(path), st) or (
+                _hash_fd(fd),
+                _MIME_BY_EXTENSION.get(path.suffix[1:], "application/octet-stream"),
+            )
+            return fd, st.st_size, *meta
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
 
 
 class _Upload:
@@ -355,7 +344,8 @@ class LocalStorage:
         found = await anyio.to_thread.run_sync(_open_object, path)
         if found is None:
             return _error(404, "NoSuchKey", "The specified key does not exist.")
-        chunks, size, md5_hex, media_type = found
+        fd, size, md5_hex, media_type = found
+        chunks = _FileChunks(fd)
         response_headers = {"Content-Length": str(size), "ETag": f'"{md5_hex}"'}
         if request.method == "HEAD":
             chunks.close()
@@ -425,11 +415,7 @@ class LocalStorage:
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
-                meta = (
-                    _read_meta(directory / f".{name}.meta", st)
-                    if f".{name}.meta" in entries
-                    else None
-                )
+                meta = _read_meta(directory / f".{name}.meta", st)
                 md5_hex = meta[0] if meta else self._hash_path(Path(entry.path))
             except FileNotFoundError:  # deleted since the listing
                 continue
@@ -477,10 +463,9 @@ class LocalStorage:
         found = await anyio.to_thread.run_sync(_open_object, path)
         if found is None:
             return None
-        chunks, size, md5_hex, content_type = found
-        return ObjectStream(
-            size=size, etag=f'"{md5_hex}"', content_type=content_type, chunks=chunks
-        )
+        fd, size, md5_hex, content_type = found
+        etag = f'"{md5_hex}"'
+        return ObjectStream(size=size, etag=etag, content_type=content_type, chunks=_FileChunks(fd))
 
     async def ensure_bucket(self, cors_origins: Sequence[str]) -> None:
         # Served by this app itself, so CORS is the app's middleware, not ours.

