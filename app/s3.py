@@ -52,7 +52,9 @@ _PROBE_CONTENT_MD5 = "1B2M2Y8AsgTpgAmY7PhCfg=="
 _ALGORITHM = "AWS4-HMAC-SHA256"
 _UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 _MD5_HEX = re.compile(r"[0-9a-f]{32}")
-_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
+# HEAD answers carry no body, so a missing object or bucket there is just "404".
+_NO_SUCH_KEY_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+_NO_SUCH_BUCKET_CODES = frozenset({"NoSuchBucket", "NotFound", "404"})
 # Servers without bucket sub-resource APIs answer in several ways: NotImplemented (the S3
 # spelling), 405/501, or, as rclone's gofakes3 does, by treating PUT ?cors as CreateBucket.
 _UNSUPPORTED_CODES = frozenset(
@@ -482,7 +484,8 @@ class S3Storage:
         try:
             response = await self._call("get_object", Bucket=self._bucket, Key=key)
         except _Refused as exc:
-            if exc.code in _NOT_FOUND_CODES or exc.status == 404:
+            # A missing bucket is a broken configuration, not a missing mask.
+            if exc.code in _NO_SUCH_KEY_CODES:
                 return None
             raise
         chunks: AsyncIterator[bytes] = _BodyChunks(response["Body"])
@@ -504,7 +507,7 @@ class S3Storage:
             await self._call("head_bucket", Bucket=self._bucket)
             return
         except _Refused as exc:
-            if exc.status != 404 and exc.code not in _NOT_FOUND_CODES:
+            if exc.code not in _NO_SUCH_BUCKET_CODES:
                 raise
         params: dict[str, Any] = {"Bucket": self._bucket}
         if self._region != "us-east-1":

@@ -100,7 +100,8 @@ def format_error(error: GraphQLError, request_id: str) -> dict[str, Any]:
     if isinstance(original, AppError):
         formatted["message"] = original.message
         formatted["extensions"] = original.extensions
-    elif original is None:
+    elif error.path is None:
+        # No path: the request itself was refused (syntax, validation, variable coercion).
         formatted["extensions"] = {"code": "BAD_USER_INPUT"}
     else:
         # Internals (SQL, stack, paths) stay in our log; the client gets the id to quote.
