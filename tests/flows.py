@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from conftest import Stack, content_md5, png_bytes
@@ -62,8 +63,15 @@ async def upload(
     targets = (await stack.data(REQUEST_URLS, {"groupId": group_id, "slices": slices}))[
         "requestMaskUploadUrls"
     ]
-    for target in targets:
-        assert await put(stack, target, bodies[target["sliceIndex"]]) == 200
+    # Parallel PUTs, as the viewer and the inference worker do.
+    gate = asyncio.Semaphore(32)
+
+    async def put_one(target: dict[str, Any]) -> int:
+        async with gate:
+            return await put(stack, target, bodies[target["sliceIndex"]])
+
+    statuses = await asyncio.gather(*(put_one(target) for target in targets))
+    assert set(statuses) == {200}
     if not complete:
         return {"targets": targets, "bodies": bodies}
     completed = [
