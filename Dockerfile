@@ -38,6 +38,6 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 
 # Migrate, then replace the shell with the server so it is PID 1 and receives SIGTERM.
-# Alembic serialises nothing across processes: with several replicas, run `pacs-masks migrate`
+# Alembic takes no lock against concurrent upgrades: with several replicas, run `pacs-masks migrate`
 # once as a release step and start the replicas with `pacs-masks serve --host 0.0.0.0 --port 8000`.
 CMD ["sh", "-c", "pacs-masks migrate && exec pacs-masks serve --host 0.0.0.0 --port 8000"]

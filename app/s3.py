@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import inspect
 import logging
 import os
 import re
@@ -228,6 +229,12 @@ class _BodyChunks:
         if body is not None:
             await body.aclose()
 
+    def __del__(self) -> None:
+        # A stream dropped unread must not keep its pooled connection checked out.
+        body = self._body
+        if body is not None and not inspect.iscoroutinefunction(body.close):
+            body.close()
+
 
 def _unquote_etag(etag: str) -> str:
     return etag.strip().strip('"')
@@ -262,7 +269,8 @@ def _client_config(settings: Settings) -> AioConfig:
         s3={"addressing_style": "path" if settings.is_path_style else "virtual"},
         connect_timeout=5,
         read_timeout=30,
-        retries={"mode": "standard", "max_attempts": 3},
+        # total_max_attempts counts the first try; botocore's max_attempts would not.
+        retries={"mode": "standard", "total_max_attempts": 3},
         # Loading the S3 model takes tens of ms; a worker thread keeps the loop responsive.
         warm_up_loader_caches=True,
     )
@@ -556,7 +564,7 @@ class S3Storage:
             rules: list[dict[str, Any]] = list(current.get("Rules") or [])
         except _Refused as exc:
             if exc.code == "NoSuchLifecycleConfiguration":
-                rules = []
+                current, rules = {}, []
             elif exc.code in _UNSUPPORTED_CODES:
                 self._warn_no_lifecycle(exc.code)
                 return
@@ -566,12 +574,17 @@ class S3Storage:
         others = [rule for rule in rules if rule.get("ID") != LIFECYCLE_RULE_ID]
         if len(others) < len(rules) and ours in rules:
             return
+        params: dict[str, Any] = {
+            "Bucket": self._bucket,
+            "LifecycleConfiguration": {"Rules": [*others, ours]},
+        }
+        # A PUT without it would silently reset an operator's bucket-wide choice.
+        if current.get("TransitionDefaultMinimumObjectSize"):
+            params["TransitionDefaultMinimumObjectSize"] = current[
+                "TransitionDefaultMinimumObjectSize"
+            ]
         try:
-            await self._call(
-                "put_bucket_lifecycle_configuration",
-                Bucket=self._bucket,
-                LifecycleConfiguration={"Rules": [*others, ours]},
-            )
+            await self._call("put_bucket_lifecycle_configuration", **params)
         except _Refused as exc:
             if exc.code not in _UNSUPPORTED_CODES:
                 raise

@@ -100,6 +100,12 @@ async def postgres_url() -> AsyncIterator[str]:
     await admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    url: str = request.getfixturevalue(f"{request.param}_url".replace("postgresql", "postgres"))
+    return url
+
+
 # --- served stacks ---------------------------------------------------------------------------
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
-
-from app.models import Mask, utcnow
 from conftest import Stack, content_md5, png_bytes
 from flows import create_annotation, create_group, put, upload
 from operations import COMPLETE, REQUEST_URLS, TREE
+from sqlalchemy import func, select
+
+from app.models import Mask, utcnow
 
 
 async def _mask_count(stack: Stack) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-
 from conftest import Stack, content_md5, png_bytes
 from flows import create_annotation, create_group, put, slice_inputs
 from operations import COMPLETE, DELETE_GROUP, REQUEST_URLS, TREE

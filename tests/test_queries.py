@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import insert
-
-from app.models import Mask, MaskGroup, MaskGroupStatus, utcnow
 from conftest import Stack, count_statements
 from flows import create_annotation, create_group, upload
 from operations import TREE
+from sqlalchemy import insert
+
+from app.models import Mask, MaskGroup, MaskGroupStatus, utcnow
 
 
 async def _seed_tree(stack: Stack, groups: int, masks: int) -> str:

@@ -295,7 +295,7 @@ def quiet_moto(moto_server: MotoServer) -> Iterator[None]:
 def seed_moto(bucket: str, objects: dict[str, bytes]) -> None:
     """Store objects straight in moto's in-process backend: moto serves ~150 PUTs a second,
     and listing tests need thousands of objects. What they list still goes over HTTP."""
-    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.core.models import DEFAULT_ACCOUNT_ID
     from moto.s3.models import s3_backends
 
     backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]

@@ -6,12 +6,12 @@ import base64
 from typing import Any
 
 import pytest
-from sqlalchemy import select
-
-from app.models import Annotation, Mask, MaskGroup, MaskUpload, StorageDeletion
 from conftest import Stack, content_md5, png_bytes
 from flows import create_annotation, create_group, slice_inputs, upload
 from operations import COMPLETE, CREATE_ANNOTATION, CREATE_GROUP, DELETE_GROUP, REQUEST_URLS
+from sqlalchemy import select
+
+from app.models import Annotation, Mask, MaskGroup, MaskUpload, StorageDeletion
 
 TABLES = (Annotation, MaskGroup, Mask, MaskUpload, StorageDeletion)
 
