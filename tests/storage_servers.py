@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import logging
 import os
 import secrets
 import shutil
@@ -100,10 +101,15 @@ def moto_server() -> Iterator[MotoServer]:
     if starter.is_alive():
         _unavailable("moto server did not start")
     host, port = server.get_host_and_port()
+    # werkzeug logs every request moto serves: thousands of lines in a failure report.
+    werkzeug_log = logging.getLogger("werkzeug")
+    level = werkzeug_log.level
+    werkzeug_log.setLevel(logging.WARNING)
     try:
         yield MotoServer(endpoint_url=f"http://{host}:{port}")
     finally:
         server.stop()
+        werkzeug_log.setLevel(level)
 
 
 def _rclone_binary() -> str | None:

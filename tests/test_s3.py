@@ -75,6 +75,9 @@ _AWKWARD_KEYS = [
     "mask/1/2/trailing/",
     "mask/1/2/ leading and trailing space ",
     'mask/1/2/tab\tand\\backslash|pipe"quote<>^`.png',
+    "/leading/slash.png",
+    "..",
+    "mask/1/2/100%.png",
 ]
 _CONTENT_TYPES = [*CONTENT_TYPE_EXTENSIONS, "image/png; charset=binary", "text/plain;  a=b "]
 
@@ -282,16 +285,6 @@ async def moto_storage(moto_server: MotoServer) -> AsyncIterator[S3Storage]:
     await storage.aclose()
 
 
-@pytest.fixture(scope="session")
-def quiet_moto(moto_server: MotoServer) -> Iterator[None]:
-    # werkzeug logs every request moto serves: thousands of lines in a failure report.
-    logger = logging.getLogger("werkzeug")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    yield
-    logger.setLevel(level)
-
-
 def seed_moto(bucket: str, objects: dict[str, bytes]) -> None:
     """Store objects straight in moto's in-process backend: moto serves ~150 PUTs a second,
     and listing tests need thousands of objects. What they list still goes over HTTP."""
@@ -305,7 +298,7 @@ def seed_moto(bucket: str, objects: dict[str, bytes]) -> None:
 
 @pytest.mark.s3
 async def test_ensure_bucket_creates_bucket_cors_and_keeps_operator_lifecycle_rules(
-    moto_server: MotoServer, quiet_moto: None
+    moto_server: MotoServer,
 ) -> None:
     settings = s3_settings(moto_server.endpoint_url, "testing", "testing", "ensure-bucket-test")
     settings = settings.model_copy(update={"s3_region": "eu-west-1"})
@@ -356,9 +349,7 @@ async def test_ensure_bucket_creates_bucket_cors_and_keeps_operator_lifecycle_ru
 
 
 @pytest.mark.s3
-async def test_presigned_put_stat_get_and_open_on_moto(
-    moto_storage: S3Storage, quiet_moto: None
-) -> None:
+async def test_presigned_put_stat_get_and_open_on_moto(moto_storage: S3Storage) -> None:
     annotation_id, group_id = new_group()
     key = mask_key(annotation_id, group_id, 7, "liver", "image/png")
     missing = mask_key(annotation_id, group_id, 8, "liver", "image/png")
@@ -395,9 +386,7 @@ async def test_presigned_put_stat_get_and_open_on_moto(
 
 
 @pytest.mark.s3
-async def test_open_streams_large_objects_in_chunks(
-    moto_storage: S3Storage, quiet_moto: None
-) -> None:
+async def test_open_streams_large_objects_in_chunks(moto_storage: S3Storage) -> None:
     key = mask_key(*new_group(), 0, None, "image/png")
     body = random.Random(1).randbytes(200_000)
     await moto_storage.client.put_object(Bucket=BUCKET, Key=key, Body=body, ContentType="image/png")
@@ -410,13 +399,13 @@ async def test_open_streams_large_objects_in_chunks(
 
 
 @pytest.mark.s3
-async def test_open_missing_key_is_none(moto_storage: S3Storage, quiet_moto: None) -> None:
+async def test_open_missing_key_is_none(moto_storage: S3Storage) -> None:
     assert await moto_storage.open(mask_key(*new_group(), 0, None, "image/png")) is None
 
 
 @pytest.mark.s3
 async def test_stat_objects_lists_only_as_far_as_the_requested_keys(
-    moto_storage: S3Storage, quiet_moto: None
+    moto_storage: S3Storage,
 ) -> None:
     annotation_id, group_id = new_group()
     keys = [mask_key(annotation_id, group_id, i, None, "image/png") for i in range(2500)]
@@ -459,9 +448,7 @@ async def test_stat_objects_lists_only_as_far_as_the_requested_keys(
 
 
 @pytest.mark.s3
-async def test_delete_prefix_deletes_in_batches_of_1000(
-    moto_storage: S3Storage, quiet_moto: None
-) -> None:
+async def test_delete_prefix_deletes_in_batches_of_1000(moto_storage: S3Storage) -> None:
     annotation_id, group_id = new_group()
     prefix = group_prefix(annotation_id, group_id)
     keys = [mask_key(annotation_id, group_id, i, "liver", "image/png") for i in range(2100)]
@@ -482,7 +469,7 @@ async def test_delete_prefix_deletes_in_batches_of_1000(
 
 
 @pytest.mark.s3
-async def test_missing_bucket_is_a_storage_error(moto_server: MotoServer, quiet_moto: None) -> None:
+async def test_missing_bucket_is_a_storage_error(moto_server: MotoServer) -> None:
     storage = await S3Storage.from_settings(
         s3_settings(moto_server.endpoint_url, "testing", "testing", "no-such-bucket-here")
     )
