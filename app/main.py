@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,7 +29,8 @@ REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class RequestIdMiddleware:
-    """Gives every request an id (the caller's X-Request-ID if sane) for logs and errors."""
+    """Gives every request an id (the caller's X-Request-ID if sane) for logs and errors, and
+    reports the server's own time in Server-Timing so clients can tell it from the network."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -40,13 +42,16 @@ class RequestIdMiddleware:
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
+                elapsed_ms = (time.perf_counter() - started) * 1000
                 message.setdefault("headers", [])
                 message["headers"] = [
                     *message["headers"],
                     (b"x-request-id", request_id.encode("latin-1")),
+                    (b"server-timing", f"app;dur={elapsed_ms:.1f}".encode("latin-1")),
                 ]
             await send(message)
 

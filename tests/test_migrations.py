@@ -7,7 +7,6 @@ import warnings
 from typing import Any
 
 import pytest
-
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
