@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_VAR_DIR = Path("var")
@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     s3_force_path_style: bool | None = None
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
+    aws_session_token: str | None = None
 
     signed_url_default_ttl: int = Field(600, ge=1)
     signed_url_max_ttl: int = Field(3600, ge=1)
@@ -64,6 +65,12 @@ class Settings(BaseSettings):
                 f"unsupported content types {unknown}; known: {sorted(CONTENT_TYPE_EXTENSIONS)}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _ttls_in_order(self) -> Settings:
+        if self.signed_url_default_ttl > self.signed_url_max_ttl:
+            raise ValueError("SIGNED_URL_DEFAULT_TTL must not exceed SIGNED_URL_MAX_TTL")
+        return self
 
     @property
     def is_embedded_database(self) -> bool:

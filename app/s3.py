@@ -16,7 +16,6 @@ import hashlib
 import hmac
 import inspect
 import logging
-import os
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
@@ -279,12 +278,11 @@ def _client_config(settings: Settings) -> AioConfig:
 def _explicit_credentials(settings: Settings) -> _Credentials | None:
     if not (settings.aws_access_key_id and settings.aws_secret_access_key):
         return None
-    # Settings has no session-token field, and pydantic will have read temporary keys from
-    # AWS_ACCESS_KEY_ID: their token only comes with them from the same environment.
-    token = None
-    if os.environ.get("AWS_ACCESS_KEY_ID") == settings.aws_access_key_id:
-        token = os.environ.get("AWS_SESSION_TOKEN") or None
-    return _Credentials(settings.aws_access_key_id, settings.aws_secret_access_key, token)
+    return _Credentials(
+        settings.aws_access_key_id,
+        settings.aws_secret_access_key,
+        settings.aws_session_token or None,
+    )
 
 
 async def _frozen(credentials: Any) -> _Credentials:
