@@ -17,6 +17,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
+from app.db import transaction
 from app.errors import (
     BadUserInput,
     ChecksumMismatch,
@@ -544,7 +545,7 @@ async def purge_storage_deletion(
         removed = await storage.delete_prefix(prefix)
     except StorageError as error:
         logger.warning("storage cleanup of %s failed, kept for retry: %s", prefix, error)
-        async with sessionmaker() as session, session.begin():
+        async with transaction(sessionmaker) as session:
             await session.execute(
                 update(StorageDeletion)
                 .where(StorageDeletion.id == deletion_id)
@@ -552,7 +553,7 @@ async def purge_storage_deletion(
             )
         return 0, True
     now = utcnow()
-    async with sessionmaker() as session, session.begin():
+    async with transaction(sessionmaker) as session:
         if upload_expires_at is not None and upload_expires_at > now:
             await session.execute(
                 update(StorageDeletion)
