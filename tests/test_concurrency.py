@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+from conftest import Stack
+from flows import create_annotation, create_group, upload
+from operations import COMPLETE
 from sqlalchemy import func, select
 
 from app.models import Mask, MaskGroup
-from conftest import Stack, png_bytes
-from flows import create_annotation, create_group, upload
-from operations import COMPLETE
 
 
 async def test_concurrent_completions_register_each_slice_once(stack: Stack) -> None:

@@ -11,6 +11,7 @@ from app import masks
 from app.db import transaction
 from app.errors import BadUserInput
 from app.graphql.context import Info
+from app.graphql.execution import FastListExecutionContext
 from app.graphql.types import (
     SCALARS,
     Annotation,
@@ -209,6 +210,7 @@ class Schema(strawberry.Schema):
 
 
 def create_schema(**options: Any) -> Schema:
+    options.setdefault("execution_context_class", FastListExecutionContext)
     return Schema(
         query=Query, mutation=Mutation, config=StrawberryConfig(scalar_map=SCALARS), **options
     )

@@ -1,0 +1,149 @@
+"""A faster completion path for long lists of plain objects.
+
+graphql-core spends ~7 µs on every resolved field; a tree of 10 groups × 1000 masks × 10
+fields is ~0.7 s of executor time for ~50 ms of data. When every field selected on a list's
+items is a plain attribute (or a method of `self` alone) returning a scalar, the items are
+completed here in one loop with the same serializers. Anything else (arguments, info,
+permissions, field extensions, nested objects, @defer, nulls in non-null fields) takes the
+standard path, so results and errors are the same either way."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from graphql import (
+    GraphQLEnumType,
+    GraphQLList,
+    GraphQLNonNull,
+    GraphQLObjectType,
+    GraphQLOutputType,
+    GraphQLResolveInfo,
+    GraphQLScalarType,
+)
+from graphql.execution.collect_fields import FieldDetailsList
+from graphql.pyutils import AwaitableOrValue, Path
+from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
+from strawberry.types.field import StrawberryField
+
+STRAWBERRY_DEFINITION = "strawberry-definition"
+
+# (response key, value getter, serializer, is_nullable)
+PlainField = tuple[str, Callable[[Any], Any], Callable[[Any], Any], bool]
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _getter(field: StrawberryField) -> Callable[[Any], Any] | None:
+    if field.permission_classes or field.extensions:
+        return None
+    resolver = field.base_resolver
+    if resolver is None:
+        name = field.python_name
+
+        def attribute(item: Any) -> Any:
+            return getattr(item, name)
+
+        return attribute
+    function = resolver.wrapped_func
+    if not inspect.isfunction(function) or resolver.is_async:
+        return None
+    if list(inspect.signature(function).parameters) != ["self"]:
+        return None
+    method: Callable[[Any], Any] = function
+    return method
+
+
+def _constant(value: str) -> Callable[[Any], str]:
+    return lambda _item: value
+
+
+def _serializer(output_type: GraphQLOutputType) -> tuple[Callable[[Any], Any], bool] | None:
+    nullable = not isinstance(output_type, GraphQLNonNull)
+    named = output_type.of_type if isinstance(output_type, GraphQLNonNull) else output_type
+    if isinstance(named, GraphQLScalarType | GraphQLEnumType):
+        return named.serialize, nullable
+    return None
+
+
+class FastListExecutionContext(StrawberryGraphQLCoreExecutionContext):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._plain_plans: dict[tuple[str, int], list[PlainField] | None] = {}
+
+    def _plain_plan(
+        self, item_type: GraphQLObjectType, field_details_list: FieldDetailsList
+    ) -> list[PlainField] | None:
+        key = (item_type.name, id(field_details_list))
+        if key in self._plain_plans:
+            return self._plain_plans[key]
+        plan: list[PlainField] | None = []
+        collected = self.collect_subfields(item_type, field_details_list)
+        if collected.new_defer_usages or collected.forbidden_directive_instances:
+            plan = None
+        for response_key, details in collected.grouped_field_set.items():
+            if plan is None:
+                break
+            node = details[0].node
+            name = node.name.value
+            if name == "__typename":
+                plan.append((response_key, _constant(item_type.name), str, False))
+                continue
+            field_def = item_type.fields.get(name)
+            strawberry_field = (
+                field_def.extensions.get(STRAWBERRY_DEFINITION) if field_def else None
+            )
+            if (
+                field_def is None
+                or node.arguments
+                or not isinstance(strawberry_field, StrawberryField)
+            ):
+                plan = None
+                break
+            getter = _getter(strawberry_field)
+            serializer = _serializer(field_def.type)
+            if getter is None or serializer is None:
+                plan = None
+                break
+            plan.append((response_key, getter, *serializer))
+        self._plain_plans[key] = plan
+        return plan
+
+    def complete_list_value(
+        self,
+        return_type: GraphQLList[GraphQLOutputType],
+        field_details_list: FieldDetailsList,
+        info: GraphQLResolveInfo[Any],
+        path: Path,
+        result: Any,
+        position_context: Any,
+    ) -> AwaitableOrValue[list[Any]]:
+        item_type = return_type.of_type
+        if isinstance(item_type, GraphQLNonNull):
+            item_type = item_type.of_type
+        if isinstance(item_type, GraphQLObjectType) and isinstance(result, list) and result:
+            plan = self._plain_plan(item_type, field_details_list)
+            if plan is not None:
+                try:
+                    return [_complete(item, plan) for item in result]
+                except _NotPlain:
+                    pass
+        return super().complete_list_value(
+            return_type, field_details_list, info, path, result, position_context
+        )
+
+
+def _complete(item: Any, plan: list[PlainField]) -> dict[str, Any]:
+    completed: dict[str, Any] = {}
+    for response_key, getter, serialize, nullable in plan:
+        value = getter(item)
+        if value is None:
+            if not nullable:
+                raise _NotPlain
+            completed[response_key] = None
+        else:
+            completed[response_key] = serialize(value)
+    return completed

@@ -1,0 +1,48 @@
+"""The fast list path returns exactly what graphql-core's standard path returns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import Stack
+from flows import create_annotation, create_group, upload
+from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
+
+from app.graphql.context import Context
+from app.graphql.schema import create_schema
+
+QUERIES = [
+    """query($id: ID!) { annotation(id: $id) { maskGroups { masks {
+        id maskGroupId sliceIndex sopInstanceUid labelName filePath mimeType fileSize checksum
+        width height createdAt viewUrl __typename } } } }""",
+    """query($id: ID!) { annotation(id: $id) { maskGroups { masks { ...M first: sliceIndex
+        label: labelName @include(if: true) skipped: id @skip(if: true) } } } }
+       fragment M on Mask { filePath fileSize }""",
+    """query($id: ID!) { annotation(id: $id) { maskGroups { masks(limit: 2) {
+        sliceIndex downloadUrl(ttlSeconds: 60) { method headers { name } } } } } }""",
+    """query($id: ID!) { annotation(id: $id) { maskGroups { masks(labelName: "none") { id } } } }""",
+]
+
+
+@pytest.mark.parametrize("query", QUERIES, ids=["plain", "aliases-fragments", "arguments", "empty"])
+async def test_fast_path_matches_standard_execution(stack: Stack, query: str) -> None:
+    annotation_id = await create_annotation(stack)
+    group_id = await create_group(stack, annotation_id, 3)
+    await upload(stack, group_id, range(3))
+    await upload(stack, group_id, [1], label="tumor")
+    variables = {"id": annotation_id}
+    fast = await stack.data(query, variables)
+
+    standard = create_schema(execution_context_class=StrawberryGraphQLCoreExecutionContext)
+    context = Context(
+        request=None,  # type: ignore[arg-type]
+        settings=stack.settings,
+        sessionmaker=stack.sessionmaker,
+        storage=stack.storage,
+        request_id="test",
+    )
+    result = await standard.execute(query, variable_values=variables, context_value=context)
+    assert result.errors is None
+    slow: dict[str, Any] | None = result.data
+    assert fast == slow
