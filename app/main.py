@@ -139,9 +139,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Middleware(
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
-                allow_methods=["GET", "POST"],
-                allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-                expose_headers=["X-Request-ID", "ETag"],
+                # PUT and Content-MD5: browsers upload to the local backend's signed URLs.
+                allow_methods=["GET", "POST", "PUT", "HEAD"],
+                allow_headers=["Authorization", "Content-Type", "Content-MD5", "X-Request-ID"],
+                expose_headers=["X-Request-ID", "ETag", "Server-Timing"],
             )
         )
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)

@@ -170,3 +170,26 @@ async def test_storage_outage_is_storage_unavailable(sqlite_url: str, tmp_path: 
         # The rows are gone; the objects are recorded for the cleanup job.
         assert deleted["deleteMaskGroup"] == {"deletedMaskCount": 0, "storageCleanupPending": True}
         await asyncio.sleep(0)
+
+
+async def test_cors_only_for_configured_origins(tmp_path: Path, sqlite_url: str) -> None:
+    settings = base_settings(
+        database_url=sqlite_url, var_dir=tmp_path, cors_origins=["https://viewer.example"]
+    )
+    async with serve(settings) as (_, base_url), httpx.AsyncClient(base_url=base_url) as client:
+        preflight = await client.options(
+            "/storage/mask/1/1/slice_00000.png",
+            headers={
+                "Origin": "https://viewer.example",
+                "Access-Control-Request-Method": "PUT",
+                "Access-Control-Request-Headers": "content-md5,content-type",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://viewer.example"
+        other = await client.post(
+            "/graphql",
+            json={"query": "{ annotations { id } }"},
+            headers={"Origin": "https://evil.example"},
+        )
+        assert "access-control-allow-origin" not in other.headers
