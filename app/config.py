@@ -43,13 +43,29 @@ class Settings(BaseSettings):
     max_slices_per_call: int = Field(5000, ge=1)
     max_slice_count: int = Field(100_000, ge=1, le=100_000)
 
+    auth_disabled: bool = False
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_jwks_url: str | None = None
+    oidc_role_claim: str = "roles"
+    oidc_user_claim: str = "preferred_username"
+    oidc_role_map: dict[str, str] = {}
+    oidc_algorithms: Annotated[list[str], NoDecode] = ["RS256", "ES256"]
+    oidc_leeway_seconds: int = 30
+    graphql_introspection: bool = True
+    graphiql: bool = True
+    max_query_depth: int = Field(15, ge=1)
+    max_query_aliases: int = Field(50, ge=0)
+    max_query_tokens: int = Field(20_000, ge=100)
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+
     public_base_url: str = ""
     cors_origins: Annotated[list[str], NoDecode] = []
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
 
-    @field_validator("allowed_content_types", "cors_origins", mode="before")
+    @field_validator("allowed_content_types", "cors_origins", "oidc_algorithms", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

@@ -15,12 +15,16 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from strawberry.extensions import DisableIntrospection
 
+from app.auth import authenticate, bearer_token
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker
+from app.errors import Unauthenticated
 from app.graphql.schema import create_schema
 from app.graphql.view import graphql_endpoint
-from app.models import Mask
+from app.models import Mask, utcnow
+from app.oidc import OidcConfig, OidcVerifier
 from app.storage import LABEL_PATTERN, Storage, StorageError, create_storage
 
 logger = logging.getLogger(__name__)
@@ -74,6 +78,21 @@ async def readyz(request: Request) -> Response:
 
 async def view_mask(request: Request) -> Response:
     """Streams one stored mask image through the server (same-origin for the viewer)."""
+    settings: Settings = request.app.state.settings
+    if not settings.auth_disabled:
+        try:
+            await authenticate(
+                request.app.state.sessionmaker,
+                bearer_token(request.headers.get("authorization")),
+                oidc=request.app.state.oidc,
+                now=utcnow(),
+            )
+        except Unauthenticated as error:
+            return PlainTextResponse(
+                error.message,
+                status_code=401,
+                headers={"WWW-Authenticate": 'Bearer realm="pacs-masks"'},
+            )
     group_id = request.path_params["group_id"]
     slice_param = request.query_params.get("slice", "")
     label = request.query_params.get("label") or None
@@ -147,5 +166,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         )
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.settings = settings
-    app.state.schema = create_schema()
+    oidc_config = OidcConfig.from_settings(settings)
+    app.state.oidc = OidcVerifier.from_config(oidc_config) if oidc_config else None
+    extensions = [] if settings.graphql_introspection else [DisableIntrospection]
+    app.state.schema = create_schema(extensions=extensions)
     return app

@@ -16,6 +16,8 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.audit import Actor, record
+from app.auth import Role, require, require_owner
 from app.config import Settings
 from app.db import transaction
 from app.errors import (
@@ -150,27 +152,30 @@ def _slice_name(slice_index: int, label_name: str | None) -> tuple[int, str]:
 
 async def create_annotation(
     session: AsyncSession,
+    actor: Actor,
     *,
     study_instance_uid: str,
     series_instance_uid: str | None,
     label: str | None,
-    created_by: str | None,
 ) -> Annotation:
+    require(actor.principal, Role.UPLOADER)
     annotation = Annotation(
         study_instance_uid=validate_uid("studyInstanceUid", study_instance_uid, required=True),
         series_instance_uid=validate_uid("seriesInstanceUid", series_instance_uid),
         label=validate_text("label", label),
-        created_by=created_by,
+        created_by=actor.principal.user,
         created_at=utcnow(),
     )
     session.add(annotation)
     await session.flush()
+    await record(session, actor, "annotation.create", annotation_id=annotation.id)
     return annotation
 
 
 async def create_mask_group(
     session: AsyncSession,
     settings: Settings,
+    actor: Actor,
     *,
     annotation_id: int,
     group_name: str | None,
@@ -182,8 +187,8 @@ async def create_mask_group(
     description: str | None,
     confidence: float | None,
     inference_parameters: Any,
-    created_by: str | None,
 ) -> MaskGroup:
+    require(actor.principal, Role.UPLOADER)
     if not 1 <= slice_count <= settings.max_slice_count:
         raise BadUserInput(
             f"sliceCount must be between 1 and {settings.max_slice_count}", field="sliceCount"
@@ -202,7 +207,7 @@ async def create_mask_group(
         description=validate_text("description", description, DESCRIPTION_MAX),
         confidence=confidence,
         inference_parameters=inference_parameters,
-        created_by=created_by,
+        created_by=actor.principal.user,
         created_at=utcnow(),
         status=MaskGroupStatus.PENDING,
         uploaded_slice_count=0,
@@ -216,16 +221,27 @@ async def create_mask_group(
     group.annotation_id = annotation_id
     session.add(group)
     await session.flush()
+    await record(
+        session,
+        actor,
+        "mask_group.create",
+        annotation_id=annotation_id,
+        mask_group_id=group.id,
+        slice_count=slice_count,
+    )
     return group
 
 
-async def _lock_group(session: AsyncSession, group_id: int) -> MaskGroup:
-    # FOR UPDATE serialises batches of one group on PostgreSQL; SQLite has one writer anyway.
+async def _lock_own_group(
+    session: AsyncSession, actor: Actor, group_id: int, field: str = "groupId"
+) -> MaskGroup:
+    # FOR UPDATE serialises batches of one group on PostgreSQL (SQLite: BEGIN IMMEDIATE).
     group = await session.scalar(
         select(MaskGroup).where(MaskGroup.id == group_id).with_for_update()
     )
     if group is None:
-        raise NotFound(f"mask group {group_id} does not exist", field="groupId")
+        raise NotFound(f"mask group {group_id} does not exist", field=field)
+    require_owner(actor.principal, group.created_by, f"mask group {group_id}")
     return group
 
 
@@ -273,19 +289,21 @@ async def request_upload_urls(
     session: AsyncSession,
     storage: Storage,
     settings: Settings,
+    actor: Actor,
     *,
     group_id: int,
     slices: Sequence[SliceUpload],
     ttl_seconds: int | None,
     now: datetime,
 ) -> list[UploadTarget]:
+    require(actor.principal, Role.UPLOADER)
     _check_batch_size(settings, len(slices))
     ttl = settings.signed_url_default_ttl if ttl_seconds is None else ttl_seconds
     if not 1 <= ttl <= settings.signed_url_max_ttl:
         raise BadUserInput(
             f"ttlSeconds must be between 1 and {settings.signed_url_max_ttl}", field="ttlSeconds"
         )
-    group = await _lock_group(session, group_id)
+    group = await _lock_own_group(session, actor, group_id)
 
     problems = _Problems()
     seen: set[tuple[int, str]] = set()
@@ -365,6 +383,16 @@ async def request_upload_urls(
     if group.upload_expires_at is None or group.upload_expires_at < expires_at:
         group.upload_expires_at = expires_at
     await session.flush()
+    await record(
+        session,
+        actor,
+        "upload_urls.issue",
+        annotation_id=group.annotation_id,
+        mask_group_id=group.id,
+        slice_count=len(slices),
+        byte_count=sum(item.file_size for item in slices),
+        detail={"ttlSeconds": ttl},
+    )
     return targets
 
 
@@ -372,13 +400,15 @@ async def complete_upload(
     session: AsyncSession,
     storage: Storage,
     settings: Settings,
+    actor: Actor,
     *,
     group_id: int,
     slices: Sequence[CompletedSlice],
     now: datetime,
 ) -> tuple[MaskGroup, list[Mask]]:
+    require(actor.principal, Role.UPLOADER)
     _check_batch_size(settings, len(slices))
-    group = await _lock_group(session, group_id)
+    group = await _lock_own_group(session, actor, group_id)
 
     problems = _Problems()
     seen: set[tuple[int, str]] = set()
@@ -493,15 +523,26 @@ async def complete_upload(
             mask or by_name[_slice_name(item.slice_index, item.label_name)]
             for mask, item in zip(result, slices, strict=True)
         ]
+    await record(
+        session,
+        actor,
+        "upload.complete",
+        annotation_id=group.annotation_id,
+        mask_group_id=group.id,
+        slice_count=len(new_rows),
+        byte_count=sum(row["file_size"] for row in new_rows),
+        detail={"alreadyRegistered": len(slices) - len(new_rows), "status": group.status.value},
+    )
     return group, [mask for mask in result if mask is not None]
 
 
 async def delete_mask_group(
-    session: AsyncSession, *, group_id: int, now: datetime
+    session: AsyncSession, actor: Actor, *, group_id: int, now: datetime
 ) -> GroupDeletion:
     """Drop the group's rows and record its storage prefix for removal, in one transaction,
     so no object is ever left without a record that it must go."""
-    group = await _lock_group(session, group_id)
+    require(actor.principal, Role.UPLOADER)
+    group = await _lock_own_group(session, actor, group_id, field="id")
     mask_count = await session.scalar(
         select(func.count()).select_from(Mask).where(Mask.mask_group_id == group_id)
     )
@@ -520,6 +561,15 @@ async def delete_mask_group(
     assert deletion_id is not None
     # Masks and pending uploads go with the group (ON DELETE CASCADE).
     await session.execute(delete(MaskGroup).where(MaskGroup.id == group_id))
+    await record(
+        session,
+        actor,
+        "mask_group.delete",
+        annotation_id=group.annotation_id,
+        mask_group_id=group.id,
+        slice_count=mask_count or 0,
+        byte_count=group.total_bytes,
+    )
     return GroupDeletion(
         mask_group_id=group.id,
         prefix=prefix,

@@ -21,6 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from app.auth import Role
 from app.db import Base
 
 
@@ -53,8 +54,14 @@ class MaskGroupStatus(enum.Enum):
     COMPLETE = "COMPLETE"
 
 
+# Ids are never reused (SQLite would reuse the highest after a delete without AUTOINCREMENT):
+# audit records and logs keep naming them after the rows are gone.
+NO_ID_REUSE = {"sqlite_autoincrement": True}
+
+
 class Annotation(Base):
     __tablename__ = "annotation_annotation"
+    __table_args__ = NO_ID_REUSE
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
@@ -70,6 +77,7 @@ class Annotation(Base):
 
 class MaskGroup(Base):
     __tablename__ = "annotation_mask_group"
+    __table_args__ = NO_ID_REUSE
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     annotation_id: Mapped[int] = mapped_column(
@@ -114,6 +122,7 @@ class Mask(Base):
             func.coalesce("label_name", ""),
             unique=True,
         ),
+        NO_ID_REUSE,
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -175,3 +184,45 @@ class StorageDeletion(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token of ours; only its SHA-256 is stored (tokens are long random secrets,
+    so a fast hash is enough and keeps the per-request lookup an index probe)."""
+
+    __tablename__ = "api_token"
+    __table_args__ = NO_ID_REUSE
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user: Mapped[str] = mapped_column(String(128), index=True)
+    role: Mapped[Role] = mapped_column(
+        Enum(Role, native_enum=False, length=16, validate_strings=True)
+    )
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # The first characters, to tell tokens apart in listings without revealing them.
+    token_prefix: Mapped[str] = mapped_column(String(16))
+    created_by: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AuditEvent(Base):
+    """Append-only (database triggers refuse UPDATE and DELETE). No foreign keys: the record of
+    a deletion outlives what was deleted."""
+
+    __tablename__ = "audit_event"
+    __table_args__ = NO_ID_REUSE
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128), index=True)
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    annotation_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    mask_group_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    slice_count: Mapped[int | None] = mapped_column(Integer)
+    byte_count: Mapped[int | None] = mapped_column(BigInteger)
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    client_ip: Mapped[str | None] = mapped_column(String(64))
+    user_agent: Mapped[str | None] = mapped_column(String(512))
+    detail: Mapped[Any] = mapped_column(JSON, nullable=True)

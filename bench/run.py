@@ -68,13 +68,16 @@ def content_md5(body: bytes) -> str:
 class Client:
     """GraphQL over HTTP; keeps the server time and size of the last answer."""
 
-    def __init__(self, http: httpx.AsyncClient) -> None:
+    def __init__(self, http: httpx.AsyncClient, token: str) -> None:
         self.http = http
+        # Only GraphQL calls carry the token: a presigned URL is its own authorisation.
+        self.auth = {"Authorization": f"Bearer {token}"}
         self.server_ms = 0.0
         self.size = 0
 
     async def data(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
-        response = await self.http.post("/graphql", json={"query": query, "variables": variables})
+        payload = {"query": query, "variables": variables}
+        response = await self.http.post("/graphql", json=payload, headers=self.auth)
         body: dict[str, Any] = response.json()
         if response.status_code != 200 or body.get("errors"):
             raise RuntimeError(f"GraphQL failed ({response.status_code}): {response.text[:500]}")
@@ -155,6 +158,14 @@ def server_env(database_url: str, moto_url: str) -> dict[str, str]:
         LOG_LEVEL="warning",
     )
     return env
+
+
+def run_cli(cli: str, env: dict[str, str], cwd: str, *args: str) -> str:
+    command = [cli, *args]
+    done = subprocess.run(command, check=False, env=env, cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"pacs-masks {args[0]} failed: {(done.stdout + done.stderr)[-3000:]}")
+    return done.stdout
 
 
 def free_port() -> int:
@@ -304,12 +315,14 @@ async def create_bucket(moto_url: str) -> None:
         await storage.aclose()
 
 
-async def bench(port: int, process: subprocess.Popen[bytes], log: Path, repeat: int) -> list[Row]:
+async def bench(
+    port: int, process: subprocess.Popen[bytes], log: Path, token: str, repeat: int
+) -> list[Row]:
     base_url = f"http://127.0.0.1:{port}"
     await wait_ready(base_url, process, log)
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as http:
-        return await run(Client(http), repeat, process.pid)
+        return await run(Client(http, token), repeat, process.pid)
 
 
 def main() -> None:
@@ -339,7 +352,12 @@ def main() -> None:
         env = server_env(database_url, moto_url)
         cli = str(BIN / "pacs-masks")
         # The working directory is empty, so no .env file is read and no var/ is created here.
-        subprocess.run([cli, "migrate"], env=env, cwd=workdir.name, check=True, capture_output=True)
+        run_cli(cli, env, workdir.name, "migrate")
+        # An UPLOADER token, as an inference worker has; the secret is the last line printed.
+        token = run_cli(
+            cli, env, workdir.name, "create-token", "--user", "bench", "--role", "uploader"
+        )
+        token = token.strip().splitlines()[-1]
         port = free_port()
         log = Path(workdir.name) / "server.log"
         with log.open("wb") as out:
@@ -351,7 +369,7 @@ def main() -> None:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        rows = asyncio.run(bench(port, process, log, args.repeat))
+        rows = asyncio.run(bench(port, process, log, token, args.repeat))
         print()
         print_table(rows)
     finally:

@@ -24,10 +24,12 @@ from sqlalchemy import delete, event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 
+from app.audit import Actor
+from app.auth import Principal, Role, create_token
 from app.config import Settings
-from app.db import create_engine, create_sessionmaker, upgrade_database
+from app.db import create_engine, create_sessionmaker, transaction, upgrade_database
 from app.main import create_app
-from app.models import Annotation, StorageDeletion
+from app.models import Annotation, StorageDeletion, utcnow
 from app.storage import Storage
 
 pytest_plugins = ["storage_servers"]
@@ -119,11 +121,15 @@ class Stack:
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
     storage: Storage
-    statements: list[str] = field(default_factory=list)
+    # For presigned storage URLs: no API token may travel to storage.
+    storage_client: httpx.AsyncClient
+    # Bearer tokens by role name: reader, uploader, other (a second uploader), admin.
+    tokens: dict[str, str] = field(default_factory=dict)
 
     async def gql(
-        self, query: str, variables: dict[str, Any] | None = None, **headers: str
+        self, query: str, variables: dict[str, Any] | None = None, *, as_: str = "uploader"
     ) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self.tokens[as_]}"} if as_ in self.tokens else {}
         response = await self.client.post(
             "/graphql", json={"query": query, "variables": variables or {}}, headers=headers
         )
@@ -131,17 +137,24 @@ class Stack:
         body: dict[str, Any] = response.json()
         return body
 
-    async def data(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
-        body = await self.gql(query, variables)
+    async def data(
+        self, query: str, variables: dict[str, Any] | None = None, *, as_: str = "uploader"
+    ) -> dict[str, Any]:
+        body = await self.gql(query, variables, as_=as_)
         assert "errors" not in body, body["errors"]
         data: dict[str, Any] = body["data"]
         return data
 
-    async def error(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
-        body = await self.gql(query, variables)
+    async def error(
+        self, query: str, variables: dict[str, Any] | None = None, *, as_: str = "uploader"
+    ) -> dict[str, Any]:
+        body = await self.gql(query, variables, as_=as_)
         assert body.get("errors"), body
         error: dict[str, Any] = body["errors"][0]
         return error
+
+    def auth(self, as_: str = "uploader") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[as_]}"}
 
 
 def _free_socket() -> socket.socket:
@@ -186,13 +199,23 @@ def base_settings(**overrides: Any) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def open_stack(name: str, settings: Settings) -> AsyncIterator[Stack]:
+async def open_stack(
+    name: str, settings: Settings, *, ensure_bucket: bool = True
+) -> AsyncIterator[Stack]:
     async with serve(settings) as (app, base_url):
         settings = app.state.settings
         engine = create_engine(settings.resolved_database_url)
         storage = app.state.storage
-        await storage.ensure_bucket([])
-        async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+        if ensure_bucket:
+            await storage.ensure_bucket([])
+        sessionmaker = create_sessionmaker(engine)
+        tokens = await make_tokens(sessionmaker)
+        async with (
+            httpx.AsyncClient(
+                base_url=base_url, timeout=60, headers=auth_header(tokens["uploader"])
+            ) as client,
+            httpx.AsyncClient(timeout=60) as storage_client,
+        ):
             stack = Stack(
                 name=name,
                 settings=settings,
@@ -200,13 +223,38 @@ async def open_stack(name: str, settings: Settings) -> AsyncIterator[Stack]:
                 base_url=base_url,
                 client=client,
                 engine=engine,
-                sessionmaker=create_sessionmaker(engine),
+                sessionmaker=sessionmaker,
                 storage=storage,
+                tokens=tokens,
+                storage_client=storage_client,
             )
             try:
                 yield stack
             finally:
                 await engine.dispose()
+
+
+def auth_header(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+TEST_USERS = {
+    "reader": ("reader-1", Role.READER),
+    "uploader": ("uploader-1", Role.UPLOADER),
+    "other": ("uploader-2", Role.UPLOADER),
+    "admin": ("admin-1", Role.ADMIN),
+}
+
+
+async def make_tokens(sessionmaker: async_sessionmaker[AsyncSession]) -> dict[str, str]:
+    tokens: dict[str, str] = {}
+    actor = Actor(Principal("test-setup", Role.ADMIN))
+    async with transaction(sessionmaker) as session:
+        for name, (user, role) in TEST_USERS.items():
+            _, tokens[name] = await create_token(
+                session, actor, user=user, role=role, expires_in=None, now=utcnow()
+            )
+    return tokens
 
 
 @pytest.fixture(scope="session")
@@ -252,7 +300,6 @@ async def stack(served_stack: Stack) -> AsyncIterator[Stack]:
 
 async def reset(stack: Stack) -> None:
     """Each test leaves no trace: rows and stored objects go."""
-    stack.statements.clear()
     await stack.storage.delete_prefix("mask/")
     async with stack.sessionmaker() as session, session.begin():
         await session.execute(delete(StorageDeletion))

@@ -45,7 +45,7 @@ def slice_inputs(
 
 async def put(stack: Stack, target: dict[str, Any], body: bytes) -> int:
     headers = {header["name"]: header["value"] for header in target["headers"]}
-    response = await stack.client.request(
+    response = await stack.storage_client.request(
         target["method"], target["url"], content=body, headers=headers
     )
     return response.status_code

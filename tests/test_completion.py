@@ -63,7 +63,9 @@ async def test_completion_of_an_altered_object_is_a_checksum_mismatch(stack: Sta
         expires_in=60,
         now=utcnow(),
     )
-    response = await stack.client.put(signed.url, content=other, headers=dict(signed.headers))
+    response = await stack.storage_client.put(
+        signed.url, content=other, headers=dict(signed.headers)
+    )
     assert response.status_code == 200
     error = await stack.error(
         COMPLETE, {"groupId": group_id, "slices": [{"sliceIndex": 0}, {"sliceIndex": 1}]}

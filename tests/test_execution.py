@@ -9,6 +9,7 @@ from conftest import Stack
 from flows import create_annotation, create_group, upload
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 
+from app.auth import Principal, Role
 from app.graphql.context import Context
 from app.graphql.schema import create_schema
 
@@ -41,6 +42,7 @@ async def test_fast_path_matches_standard_execution(stack: Stack, query: str) ->
         sessionmaker=stack.sessionmaker,
         storage=stack.storage,
         request_id="test",
+        principal=Principal("reader-1", Role.READER),
     )
     result = await standard.execute(query, variable_values=variables, context_value=context)
     assert result.errors is None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Stack, base_settings, content_md5, png_bytes, serve
+from conftest import Stack, base_settings, content_md5, open_stack, png_bytes, serve
 from flows import create_annotation, create_group
 from operations import COMPLETE, REQUEST_URLS
 
@@ -119,22 +119,34 @@ async def test_unexpected_errors_are_masked_and_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = _closed_port()
-    settings = base_settings(
-        database_url=f"postgresql+asyncpg://nobody@127.0.0.1:{port}/none", var_dir=tmp_path
-    )
+    database_url = f"postgresql+asyncpg://nobody@127.0.0.1:{port}/none"
+    # With authentication on, the token lookup is what meets the broken database.
+    settings = base_settings(database_url=database_url, var_dir=tmp_path)
     async with serve(settings) as (_, base_url), httpx.AsyncClient(base_url=base_url) as client:
-        response = await client.post("/graphql", json={"query": '{ annotation(id: "1") { id } }'})
-        body = response.json()
+        response = await client.post(
+            "/graphql",
+            json={"query": '{ annotation(id: "1") { id } }'},
+            headers={"Authorization": "Bearer pmk_some-token"},
+        )
         ready = await client.get("/readyz")
-    [error] = body["errors"]
+    assert response.status_code == 500
+    [error] = response.json()["errors"]
     assert error["message"] == "Internal server error"
-    assert error["extensions"] == {
-        "code": "INTERNAL_SERVER_ERROR",
-        "requestId": response.headers["x-request-id"],
-    }
+    request_id = response.headers["x-request-id"]
+    assert error["extensions"] == {"code": "INTERNAL_SERVER_ERROR", "requestId": request_id}
     assert str(port) not in response.text
     assert ready.status_code == 503
-    assert response.headers["x-request-id"] in caplog.text
+    assert request_id in caplog.text
+
+    # Without authentication, a resolver meets it: masked the same way, with a path.
+    settings = settings.model_copy(update={"auth_disabled": True})
+    async with serve(settings) as (_, base_url), httpx.AsyncClient(base_url=base_url) as client:
+        response = await client.post("/graphql", json={"query": '{ annotation(id: "1") { id } }'})
+    [error] = response.json()["errors"]
+    assert error["path"] == ["annotation"]
+    assert error["extensions"]["code"] == "INTERNAL_SERVER_ERROR"
+    assert "nobody" not in response.text
+    assert str(port) not in response.text
 
 
 async def test_storage_outage_is_storage_unavailable(sqlite_url: str, tmp_path: Path) -> None:
@@ -144,11 +156,7 @@ async def test_storage_outage_is_storage_unavailable(sqlite_url: str, tmp_path: 
     settings = s3_settings(f"http://127.0.0.1:{port}", "k", "s", "pacs-masks").model_copy(
         update={"database_url": sqlite_url, "var_dir": tmp_path}
     )
-    async with (
-        serve(settings) as (_, base_url),
-        httpx.AsyncClient(base_url=base_url, timeout=60) as client,
-    ):
-        stack = Stack("outage", settings, None, base_url, client, None, None, None)  # type: ignore[arg-type]
+    async with open_stack("outage", settings, ensure_bucket=False) as stack:
         annotation_id = await create_annotation(stack)
         group_id = await create_group(stack, annotation_id, 1)
         body = png_bytes(0)

@@ -7,6 +7,8 @@ import strawberry
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import Request
 
+from app.audit import Actor
+from app.auth import Principal
 from app.config import Settings
 from app.storage import Storage
 
@@ -21,12 +23,23 @@ class Context:
     sessionmaker: async_sessionmaker[AsyncSession]
     storage: Storage
     request_id: str
+    principal: Principal
     loaders: Loaders = field(init=False)
 
     def __post_init__(self) -> None:
         from app.graphql.loaders import Loaders
 
         self.loaders = Loaders(self.sessionmaker)
+
+    @property
+    def actor(self) -> Actor:
+        client = self.request.client if self.request is not None else None
+        return Actor(
+            principal=self.principal,
+            request_id=self.request_id,
+            client_ip=client.host if client else None,
+            user_agent=self.request.headers.get("user-agent") if self.request is not None else None,
+        )
 
 
 Info = strawberry.Info[Context, None]

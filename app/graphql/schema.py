@@ -8,6 +8,7 @@ from strawberry.schema.config import StrawberryConfig
 from strawberry.types import ExecutionContext
 
 from app import masks
+from app.auth import Role, require
 from app.db import transaction
 from app.errors import BadUserInput
 from app.graphql.context import Info
@@ -15,6 +16,7 @@ from app.graphql.execution import FastListExecutionContext
 from app.graphql.types import (
     SCALARS,
     Annotation,
+    AuditEvent,
     CompletedSliceInput,
     CompleteMaskUploadPayload,
     CreateAnnotationInput,
@@ -23,13 +25,16 @@ from app.graphql.types import (
     Mask,
     MaskGroup,
     MaskUploadTarget,
+    Principal,
     SliceUploadInput,
 )
 from app.masks import parse_id
 from app.models import Annotation as AnnotationModel
+from app.models import AuditEvent as AuditEventModel
 from app.models import utcnow
 
 MAX_PAGE = 500
+MAX_AUDIT_PAGE = 1000
 
 
 @strawberry.type
@@ -74,6 +79,46 @@ class Query:
         row = await info.context.loaders.mask.load(parse_id("id", id))
         return Mask.from_row(row) if row is not None else None
 
+    @strawberry.field(description="who the bearer token belongs to")
+    def me(self, info: Info) -> Principal:
+        principal = info.context.principal
+        return Principal(user=principal.user, role=principal.role)
+
+    @strawberry.field(description="append-only audit trail, newest first; ADMIN only")
+    async def audit_events(
+        self,
+        info: Info,
+        annotation_id: strawberry.ID | None = None,
+        mask_group_id: strawberry.ID | None = None,
+        actor: str | None = None,
+        action: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[AuditEvent]:
+        require(info.context.principal, Role.ADMIN)
+        if not 1 <= limit <= MAX_AUDIT_PAGE:
+            raise BadUserInput(f"limit must be between 1 and {MAX_AUDIT_PAGE}", field="limit")
+        if offset < 0:
+            raise BadUserInput("offset must not be negative", field="offset")
+        table = AuditEventModel.__table__
+        statement = table.select()
+        if annotation_id is not None:
+            statement = statement.where(
+                table.c.annotation_id == parse_id("annotationId", annotation_id)
+            )
+        if mask_group_id is not None:
+            statement = statement.where(
+                table.c.mask_group_id == parse_id("maskGroupId", mask_group_id)
+            )
+        if actor is not None:
+            statement = statement.where(table.c.actor == actor)
+        if action is not None:
+            statement = statement.where(table.c.action == action)
+        statement = statement.order_by(table.c.id.desc()).limit(limit).offset(offset)
+        async with info.context.sessionmaker() as session:
+            rows = (await session.execute(statement)).all()
+        return [AuditEvent.from_row(row) for row in rows]
+
 
 @strawberry.type
 class Mutation:
@@ -82,10 +127,10 @@ class Mutation:
         async with transaction(info.context.sessionmaker) as session:
             annotation = await masks.create_annotation(
                 session,
+                info.context.actor,
                 study_instance_uid=input.study_instance_uid,
                 series_instance_uid=input.series_instance_uid,
                 label=input.label,
-                created_by=None,
             )
         return Annotation.from_row(annotation)
 
@@ -96,6 +141,7 @@ class Mutation:
             group = await masks.create_mask_group(
                 session,
                 context.settings,
+                context.actor,
                 annotation_id=parse_id("annotationId", input.annotation_id),
                 group_name=input.group_name,
                 model_name=input.model_name,
@@ -106,7 +152,6 @@ class Mutation:
                 description=input.description,
                 confidence=input.confidence,
                 inference_parameters=input.inference_parameters,
-                created_by=None,
             )
         return MaskGroup.from_row(group)
 
@@ -128,6 +173,7 @@ class Mutation:
                 session,
                 context.storage,
                 context.settings,
+                context.actor,
                 group_id=parse_id("groupId", group_id),
                 slices=[
                     masks.SliceUpload(
@@ -159,6 +205,7 @@ class Mutation:
                 session,
                 context.storage,
                 context.settings,
+                context.actor,
                 group_id=parse_id("groupId", group_id),
                 slices=[
                     masks.CompletedSlice(
@@ -184,7 +231,7 @@ class Mutation:
         context = info.context
         async with transaction(context.sessionmaker) as session:
             deletion = await masks.delete_mask_group(
-                session, group_id=parse_id("id", id), now=utcnow()
+                session, context.actor, group_id=parse_id("id", id), now=utcnow()
             )
         removed, failed = await masks.purge_storage_deletion(
             context.sessionmaker,

@@ -9,7 +9,7 @@ import strawberry
 from strawberry.scalars import JSON
 from strawberry.types.scalar import ScalarDefinition
 
-from app import models
+from app import auth, models
 from app.errors import BadUserInput
 from app.graphql.context import Info
 from app.graphql.loaders import MaskFilter
@@ -45,6 +45,60 @@ class MaskGroupStatus(enum.Enum):
     COMPLETE = strawberry.enum_value(
         "COMPLETE", description="every slice 0..sliceCount-1 has at least one registered mask"
     )
+
+
+# Registers the domain enum with GraphQL in place; fields use auth.Role itself.
+strawberry.enum(
+    auth.Role,
+    name="Role",
+    description="READER: queries, views and downloads. UPLOADER: READER + create annotations "
+    "and groups, upload, complete, delete own groups. ADMIN: everything, including the audit "
+    "log and any group.",
+)
+
+
+@strawberry.type
+class Principal:
+    user: str
+    role: auth.Role
+
+
+@strawberry.type
+class AuditEvent:
+    id: strawberry.ID
+    occurred_at: datetime
+    actor: str
+    action: str = strawberry.field(
+        description="annotation.create, mask_group.create, upload_urls.issue, upload.complete, "
+        "mask_group.delete, token.create, token.revoke"
+    )
+    annotation_id: strawberry.ID | None
+    mask_group_id: strawberry.ID | None
+    slice_count: int | None
+    byte_count: BigInt | None
+    request_id: str | None
+    client_ip: str | None
+    detail: JSON | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> AuditEvent:
+        return cls(
+            id=strawberry.ID(str(row.id)),
+            occurred_at=row.occurred_at,
+            actor=row.actor,
+            action=row.action,
+            annotation_id=_optional_id(row.annotation_id),
+            mask_group_id=_optional_id(row.mask_group_id),
+            slice_count=row.slice_count,
+            byte_count=row.byte_count,
+            request_id=row.request_id,
+            client_ip=row.client_ip,
+            detail=row.detail,
+        )
+
+
+def _optional_id(value: int | None) -> strawberry.ID | None:
+    return strawberry.ID(str(value)) if value is not None else None
 
 
 @strawberry.type

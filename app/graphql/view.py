@@ -9,22 +9,39 @@ import json
 import logging
 from typing import Any
 
-from graphql import GraphQLError, OperationType, get_operation_ast, parse
-from graphql.error import GraphQLSyntaxError
+from graphql import DocumentNode, GraphQLError, OperationType, get_operation_ast
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from strawberry.http.ides import get_graphql_ide_html
 
-from app.errors import AppError, StorageUnavailable
+from app.auth import ANONYMOUS_ADMIN, Principal, authenticate, bearer_token
+from app.config import Settings
+from app.errors import AppError, StorageUnavailable, Unauthenticated
 from app.graphql.context import Context
+from app.graphql.limits import check_document
 from app.graphql.schema import Schema
+from app.models import utcnow
 from app.storage import StorageError
 
 logger = logging.getLogger("app.graphql")
 
 JSON_MEDIA = "application/json"
 GRAPHQL_RESPONSE_MEDIA = "application/graphql-response+json"
-MAX_BODY_BYTES = 16 * 1024 * 1024
+# GraphiQL loads its scripts and styles from a CDN; nothing may frame it.
+IDE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline' "
+    "https://unpkg.com; style-src 'self' 'unsafe-inline' https://unpkg.com; img-src 'self' "
+    "data:; font-src 'self' data: https://unpkg.com; connect-src 'self'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class AuthenticationUnavailable(AppError):
+    code = "INTERNAL_SERVER_ERROR"
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__("Internal server error", requestId=request_id)
 
 
 class RequestError(Exception):
@@ -59,7 +76,7 @@ def _accepted_media(request: Request) -> str | None:
     return None
 
 
-async def _read_params(request: Request) -> dict[str, Any]:
+async def _read_params(request: Request, max_bytes: int) -> dict[str, Any]:
     if request.method == "GET":
         params: dict[str, Any] = dict(request.query_params)
         for name in ("variables", "extensions"):
@@ -75,8 +92,8 @@ async def _read_params(request: Request) -> dict[str, Any]:
     body = bytearray()
     async for chunk in request.stream():
         body.extend(chunk)
-        if len(body) > MAX_BODY_BYTES:
-            raise RequestError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+        if len(body) > max_bytes:
+            raise RequestError(413, f"request body exceeds {max_bytes} bytes")
     try:
         params = json.loads(body)
     except ValueError as error:
@@ -137,7 +154,7 @@ async def graphql_endpoint(request: Request) -> Response:
             status_code=406,
         )
     try:
-        params = await _read_params(request)
+        params = await _read_params(request, settings.max_request_bytes)
         query = params.get("query")
         variables = params.get("variables")
         operation_name = params.get("operationName")
@@ -147,14 +164,35 @@ async def graphql_endpoint(request: Request) -> Response:
             raise RequestError(400, "variables must be a JSON object")
         if operation_name is not None and not isinstance(operation_name, str):
             raise RequestError(400, "operationName must be a string")
-        if request.method == "GET":
-            _refuse_mutation_over_get(query, operation_name)
+        # Structure first: an abusive query costs a parse, not a token lookup or a query.
+        document = check_document(
+            query,
+            max_tokens=settings.max_query_tokens,
+            max_depth=settings.max_query_depth,
+            max_aliases=settings.max_query_aliases,
+        )
+        if request.method == "GET" and document is not None:
+            _refuse_mutation_over_get(document, operation_name)
+        principal = await _authenticate(request, settings)
     except RequestError as error:
         return _respond(
             {"errors": [{"message": error.message, "extensions": {"code": "BAD_USER_INPUT"}}]},
             error.status,
             media,
             error.headers,
+        )
+    except AppError as error:
+        status = 400
+        if isinstance(error, Unauthenticated):
+            status = 401
+        elif isinstance(error, AuthenticationUnavailable):
+            status = 500
+        headers = {"WWW-Authenticate": 'Bearer realm="pacs-masks"'} if status == 401 else None
+        return _respond(
+            {"errors": [{"message": error.message, "extensions": error.extensions}]},
+            status,
+            media,
+            headers,
         )
 
     schema: Schema = state.schema
@@ -164,6 +202,7 @@ async def graphql_endpoint(request: Request) -> Response:
         sessionmaker=state.sessionmaker,
         storage=state.storage,
         request_id=request_id,
+        principal=principal,
     )
     result = await schema.execute(
         query, variable_values=variables, context_value=context, operation_name=operation_name
@@ -180,11 +219,21 @@ async def graphql_endpoint(request: Request) -> Response:
     return _respond(payload, status, media)
 
 
-def _refuse_mutation_over_get(query: str, operation_name: str | None) -> None:
+async def _authenticate(request: Request, settings: Settings) -> Principal:
+    if settings.auth_disabled:
+        return ANONYMOUS_ADMIN
+    token = bearer_token(request.headers.get("authorization"))
+    state = request.app.state
     try:
-        document = parse(query)
-    except GraphQLSyntaxError:
-        return  # execution reports the syntax error in the usual shape
+        return await authenticate(state.sessionmaker, token, oidc=state.oidc, now=utcnow())
+    except AppError:
+        raise
+    except Exception as error:
+        logger.exception("authentication failed (request %s)", request.state.request_id)
+        raise AuthenticationUnavailable(request.state.request_id) from error
+
+
+def _refuse_mutation_over_get(document: DocumentNode, operation_name: str | None) -> None:
     operation = get_operation_ast(document, operation_name)
     if operation is not None and operation.operation is not OperationType.QUERY:
         raise RequestError(405, "only queries may be sent with GET", {"Allow": "POST"})

@@ -28,6 +28,7 @@ def upgrade() -> None:
         sa.Column("created_by", sa.Text(), nullable=True),
         sa.Column("created_at", UTC_DATETIME, nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_annotation_annotation")),
+        sqlite_autoincrement=True,
     )
     op.create_index(
         op.f("ix_annotation_annotation_study_instance_uid"),
@@ -77,6 +78,7 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_annotation_mask_group")),
+        sqlite_autoincrement=True,
     )
     op.create_index(
         op.f("ix_annotation_mask_group_annotation_id"), "annotation_mask_group", ["annotation_id"]
@@ -106,6 +108,7 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_annotation_mask")),
+        sqlite_autoincrement=True,
     )
     op.create_index(op.f("ix_annotation_mask_mask_group_id"), "annotation_mask", ["mask_group_id"])
     op.create_index(
