@@ -51,12 +51,13 @@ class RequestIdMiddleware:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 elapsed_ms = (time.perf_counter() - started) * 1000
-                message.setdefault("headers", [])
-                message["headers"] = [
-                    *message["headers"],
-                    (b"x-request-id", request_id.encode("latin-1")),
-                    (b"server-timing", f"app;dur={elapsed_ms:.1f}".encode("latin-1")),
-                ]
+                headers = list(message.get("headers", []))
+                names = {name.lower() for name, _ in headers}
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                headers.append((b"server-timing", f"app;dur={elapsed_ms:.1f}".encode("latin-1")))
+                if b"x-content-type-options" not in names:
+                    headers.append((b"x-content-type-options", b"nosniff"))
+                message["headers"] = headers
             await send(message)
 
         await self.app(scope, receive, send_with_id)
@@ -120,7 +121,6 @@ async def view_mask(request: Request) -> Response:
     if stream is None:
         return PlainTextResponse("object missing from storage", status_code=404)
     headers["Content-Length"] = str(stream.size)
-    headers["X-Content-Type-Options"] = "nosniff"
     return StreamingResponse(stream.chunks, media_type=row.mime_type, headers=headers)
 
 

@@ -10,6 +10,14 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
+from conftest import base_settings
+from sqlalchemy import select
+
+from app.auth import Principal, Role, authenticate
+from app.db import create_engine, create_sessionmaker
+from app.errors import Unauthenticated
+from app.models import ApiToken, AuditEvent, utcnow
 
 BIN = Path(sys.executable).parent
 
@@ -121,3 +129,73 @@ def test_migrate_and_export_schema(tmp_path: Path) -> None:
         check=True,
     )
     assert "requestMaskUploadUrls" in exported.stdout
+
+
+def _cli(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "pacs-masks"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+async def test_token_commands(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    env = {**_clean_env(), "DATABASE_URL": url}
+    assert _cli(tmp_path, env, "migrate").returncode == 0
+    created = _cli(
+        tmp_path,
+        env,
+        "create-token",
+        "--user",
+        "worker-7",
+        "--role",
+        "uploader",
+        "--expires-days",
+        "30",
+    )
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip().splitlines()[-1]
+    assert secret.startswith("pmk_")
+    assert len(secret) > 40
+
+    settings = base_settings(database_url=url, var_dir=tmp_path)
+    engine = create_engine(settings.resolved_database_url)
+    sessionmaker = create_sessionmaker(engine)
+    try:
+        principal = await authenticate(sessionmaker, secret, oidc=None, now=utcnow())
+        assert principal == Principal("worker-7", Role.UPLOADER)
+
+        listing = _cli(tmp_path, env, "list-tokens")
+        assert "worker-7" in listing.stdout
+        assert "active" in listing.stdout
+        assert secret not in listing.stdout
+        async with sessionmaker() as session:
+            stored = (await session.scalars(select(ApiToken))).one()
+            assert stored.token_hash != secret
+            assert (
+                secret not in (stored.token_prefix + stored.token_hash)[len(stored.token_prefix) :]
+            )
+
+        revoked = _cli(tmp_path, env, "revoke-token", str(stored.id))
+        assert revoked.returncode == 0, revoked.stderr
+        with pytest.raises(Unauthenticated):
+            await authenticate(sessionmaker, secret, oidc=None, now=utcnow())
+        assert "revoked" in _cli(tmp_path, env, "list-tokens").stdout
+        again = _cli(tmp_path, env, "revoke-token", str(stored.id))
+        assert again.returncode == 1
+
+        async with sessionmaker() as session:
+            actions = [
+                (event.action, event.actor.startswith("cli:"))
+                for event in await session.scalars(select(AuditEvent).order_by(AuditEvent.id))
+            ]
+        assert actions == [("token.create", True), ("token.revoke", True)]
+    finally:
+        await engine.dispose()
+
+    refused = _cli(tmp_path, env, "create-token", "--user", "x", "--role", "superuser")
+    assert refused.returncode == 2

@@ -11,7 +11,7 @@ from typing import Any
 
 from graphql import DocumentNode, GraphQLError, OperationType, get_operation_ast
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from strawberry.http.ides import get_graphql_ide_html
 
 from app.auth import ANONYMOUS_ADMIN, Principal, authenticate, bearer_token
@@ -136,13 +136,15 @@ def format_error(error: GraphQLError, request_id: str) -> dict[str, Any]:
 async def graphql_endpoint(request: Request) -> Response:
     state = request.app.state
     request_id: str = request.state.request_id
-    settings = state.settings
+    settings: Settings = state.settings
     if (
         request.method == "GET"
         and "text/html" in request.headers.get("accept", "")
         and ("query" not in request.query_params)
     ):
-        return HTMLResponse(get_graphql_ide_html(graphql_ide="graphiql"))
+        if not settings.graphiql:
+            return PlainTextResponse("GraphiQL is switched off", status_code=404)
+        return HTMLResponse(get_graphql_ide_html(graphql_ide="graphiql"), headers=IDE_HEADERS)
     media = _accepted_media(request)
     if media is None:
         return JSONResponse(
@@ -242,9 +244,10 @@ def _refuse_mutation_over_get(document: DocumentNode, operation_name: str | None
 def _respond(
     payload: dict[str, Any], status: int, media: str, headers: dict[str, str] | None = None
 ) -> Response:
+    # Answers hold patient data: no shared or browser cache keeps them.
     return Response(
         json.dumps(payload, separators=(",", ":"), ensure_ascii=False),
         status_code=status,
         media_type=media,
-        headers=headers,
+        headers={"Cache-Control": "no-store", **(headers or {})},
     )
