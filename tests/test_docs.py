@@ -1,0 +1,39 @@
+"""Documents that operators copy from must be right."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_iam_policy_limits_objects_to_the_mask_prefix() -> None:
+    policy = json.loads((ROOT / "docs" / "iam-policy.json").read_text())
+    allows = [statement for statement in policy["Statement"] if statement["Effect"] == "Allow"]
+    for statement in allows:
+        actions = (
+            statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        )
+        object_actions = [action for action in actions if "Object" in action]
+        if object_actions:
+            assert statement["Resource"] == "arn:aws:s3:::pacs-masks/mask/*"
+        if "s3:ListBucket" in actions:
+            assert statement["Condition"]["StringLike"]["s3:prefix"] == ["mask/*"]
+        assert "s3:*" not in actions
+    denies = [statement for statement in policy["Statement"] if statement["Effect"] == "Deny"]
+    assert denies[0]["Condition"]["Bool"]["aws:SecureTransport"] == "false"
+
+
+def test_security_page_names_every_audit_action() -> None:
+    page = (ROOT / "docs" / "security.md").read_text()
+    for action in (
+        "annotation.create",
+        "mask_group.create",
+        "upload_urls.issue",
+        "upload.complete",
+        "mask_group.delete",
+        "token.create",
+        "token.revoke",
+    ):
+        assert f"`{action}`" in page
