@@ -15,7 +15,7 @@ AUDIT = """query($annotationId: ID, $maskGroupId: ID, $actor: String, $action: S
   auditEvents(annotationId: $annotationId, maskGroupId: $maskGroupId, actor: $actor,
               action: $action, limit: $limit, offset: $offset) {
     id occurredAt actor action annotationId maskGroupId sliceCount byteCount requestId
-    clientIp detail
+    clientIp userAgent detail
   }
 }"""
 
@@ -49,6 +49,7 @@ async def test_each_action_is_recorded_with_its_context(stack: Stack) -> None:
     ]
     assert {event["actor"] for event in events} == {"uploader-1"}
     assert {event["clientIp"] for event in events} == {"127.0.0.1"}
+    assert all(str(event["userAgent"]).startswith("python-httpx/") for event in events)
     assert all(event["requestId"] for event in events)
     total = done["maskGroup"]["totalBytes"]
     by_action = {event["action"]: event for event in events}

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -659,3 +660,42 @@ def test_from_settings_refuses_bad_values(values: dict[str, Any], message: str) 
 )
 def test_looks_like_jwt(token: str, expected: bool) -> None:
     assert looks_like_jwt(token) is expected
+
+
+# --- through the served API ------------------------------------------------------------------
+
+
+async def test_sso_token_works_end_to_end(
+    idp: Idp, rsa_key: SigningKey, sqlite_url: str, tmp_path: Any
+) -> None:
+    from conftest import base_settings, serve
+
+    settings = base_settings(
+        database_url=sqlite_url,
+        var_dir=tmp_path,
+        oidc_issuer=idp.issuer,
+        oidc_audience=AUDIENCE,
+        oidc_jwks_url=idp.jwks_url,
+        oidc_role_map={"radiologist": "UPLOADER"},
+    )
+    token = sign(rsa_key, claims(idp, preferred_username="dr-kim", roles=["radiologist"]))
+    create = 'mutation { createAnnotation(input: {studyInstanceUid: "1.2.7"}) { createdBy } }'
+    async with serve(settings) as (_, base_url), httpx.AsyncClient(base_url=base_url) as client:
+        me = await client.post(
+            "/graphql",
+            json={"query": "{ me { user role } }"},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        created = await client.post(
+            "/graphql", json={"query": create}, headers={"Authorization": f"Bearer {token}"}
+        )
+        expired = sign(rsa_key, claims(idp, exp=int(time.time()) - 3600))
+        refused = await client.post(
+            "/graphql",
+            json={"query": "{ me { user } }"},
+            headers={"Authorization": f"Bearer {expired}"},
+        )
+    assert me.json() == {"data": {"me": {"user": "dr-kim", "role": "UPLOADER"}}}
+    assert created.json()["data"]["createAnnotation"]["createdBy"] == "dr-kim"
+    assert refused.status_code == 401
+    assert refused.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"

@@ -78,6 +78,7 @@ class AuditEvent:
     byte_count: BigInt | None
     request_id: str | None
     client_ip: str | None
+    user_agent: str | None
     detail: JSON | None
 
     @classmethod
@@ -93,6 +94,7 @@ class AuditEvent:
             byte_count=row.byte_count,
             request_id=row.request_id,
             client_ip=row.client_ip,
+            user_agent=row.user_agent,
             detail=row.detail,
         )
 
