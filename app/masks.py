@@ -11,9 +11,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Row, Table, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.audit import Actor, record
@@ -48,6 +48,9 @@ from app.storage import (
 )
 
 logger = logging.getLogger(__name__)
+
+MASK = cast(Table, Mask.__table__)
+MASK_UPLOAD = cast(Table, MaskUpload.__table__)
 
 # DICOM PS3.5 §9.1: digits and dots, no leading zeros in a component, at most 64 characters.
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -274,15 +277,16 @@ def _check_slice_identity(
 
 async def _masks_in_range(
     session: AsyncSession, group_id: int, indexes: Sequence[int]
-) -> dict[tuple[int, str], Mask]:
-    # A range scan on the group's index instead of a parameter per slice.
+) -> dict[tuple[int, str], Row[Any]]:
+    # A range scan on the group's index instead of a parameter per slice; plain rows, since
+    # thousands of ORM objects in the identity map cost more than the query.
     rows = await session.execute(
-        select(Mask).where(
-            Mask.mask_group_id == group_id,
-            Mask.slice_index.between(min(indexes), max(indexes)),
+        select(MASK).where(
+            MASK.c.mask_group_id == group_id,
+            MASK.c.slice_index.between(min(indexes), max(indexes)),
         )
     )
-    return {_slice_name(row.slice_index, row.label_name): row for row in rows.scalars()}
+    return {_slice_name(row.slice_index, row.label_name): row for row in rows}
 
 
 async def request_upload_urls(
@@ -405,7 +409,7 @@ async def complete_upload(
     group_id: int,
     slices: Sequence[CompletedSlice],
     now: datetime,
-) -> tuple[MaskGroup, list[Mask]]:
+) -> tuple[MaskGroup, list[Row[Any]]]:
     require(actor.principal, Role.UPLOADER)
     _check_batch_size(settings, len(slices))
     group = await _lock_own_group(session, actor, group_id)
@@ -427,14 +431,13 @@ async def complete_upload(
     indexes = [item.slice_index for item in slices]
     registered = await _masks_in_range(session, group_id, indexes)
     uploads_result = await session.execute(
-        select(MaskUpload).where(
-            MaskUpload.mask_group_id == group_id,
-            MaskUpload.slice_index.between(min(indexes), max(indexes)),
+        select(MASK_UPLOAD).where(
+            MASK_UPLOAD.c.mask_group_id == group_id,
+            MASK_UPLOAD.c.slice_index.between(min(indexes), max(indexes)),
         )
     )
     uploads = {
-        _slice_name(upload.slice_index, upload.label_name): upload
-        for upload in uploads_result.scalars()
+        _slice_name(upload.slice_index, upload.label_name): upload for upload in uploads_result
     }
 
     keys: list[str] = []
@@ -450,7 +453,7 @@ async def complete_upload(
 
     missing: list[int] = []
     mismatched: list[int] = []
-    result: list[Mask | None] = []
+    result: list[Row[Any] | None] = []
     new_rows: list[dict[str, Any]] = []
     for item in slices:
         name = _slice_name(item.slice_index, item.label_name)
@@ -502,7 +505,7 @@ async def complete_upload(
         )
 
     if new_rows:
-        inserted = await session.scalars(insert(Mask).returning(Mask), new_rows)
+        inserted = await session.execute(insert(MASK).returning(*MASK.c), new_rows)
         by_name = {_slice_name(mask.slice_index, mask.label_name): mask for mask in inserted}
         upload_ids = [uploads[name].id for name in by_name]
         await session.execute(delete(MaskUpload).where(MaskUpload.id.in_(upload_ids)))

@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ class Client:
         self.server_ms = 0.0
         self.size = 0
         self.phases = (0.0, 0.0, 0.0)  # wall seconds of the last upload: request, PUTs, complete
+        self.last_keys: list[str] = []  # object keys of the last upload
 
     async def data(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
         payload = {"query": query, "variables": variables}
@@ -108,11 +110,13 @@ class Client:
         started = time.perf_counter()
         data = await self.data(REQUEST_URLS, {"groupId": group_id, "slices": slices})
         request_ms, requested = self.server_ms, time.perf_counter()
-        await self.put_all(data["requestMaskUploadUrls"], bodies)
+        data_targets = data["requestMaskUploadUrls"]
+        await self.put_all(data_targets, bodies)
         done = [{"sliceIndex": i, "width": 512, "height": 512} for i in bodies]
         put = time.perf_counter()
         data = await self.data(COMPLETE, {"groupId": group_id, "slices": done})
         self.phases = (requested - started, put - requested, time.perf_counter() - put)
+        self.last_keys = [target["filePath"] for target in data_targets]
         if data["completeMaskUpload"]["maskGroup"]["uploadedSliceCount"] != count:
             raise RuntimeError(f"group {group_id} is not complete: {data}")
         return request_ms, self.server_ms
@@ -308,8 +312,8 @@ async def postgres_version(database_url: str) -> str:
         await connection.close()
 
 
-async def create_bucket(moto_url: str) -> None:
-    settings = Settings(
+def storage_settings(moto_url: str) -> Settings:
+    return Settings(
         _env_file=None,
         storage_provider="s3",
         s3_bucket_name=BUCKET,
@@ -319,21 +323,59 @@ async def create_bucket(moto_url: str) -> None:
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
     )
-    storage = await create_storage(settings)
+
+
+async def create_bucket(moto_url: str) -> None:
+    storage = await create_storage(storage_settings(moto_url))
     try:
         await storage.ensure_bucket([])
     finally:
         await storage.aclose()
 
 
+async def storage_rows(moto_url: str, keys: list[str], repeat: int) -> list[Row]:
+    """What completion waits on (the storage listing) and what presigning costs, measured
+    here with the server's own storage code, to read the server's figures against."""
+    storage = await create_storage(storage_settings(moto_url))
+    try:
+        listing_ms: list[float] = []
+        presign_ms: list[float] = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            found = await storage.stat_objects(keys)
+            listing_ms.append((time.perf_counter() - started) * 1000)
+            if len(found) != len(keys):
+                raise RuntimeError(f"listing found {len(found)} of {len(keys)} objects")
+            now = datetime.now(UTC)
+            cpu = time.process_time()
+            for key in keys:
+                storage.presign_put(
+                    key,
+                    content_type="image/png",
+                    content_md5="1B2M2Y8AsgTpgAmY7PhCfg==",
+                    content_length=100,
+                    expires_in=600,
+                    now=now,
+                )
+            presign_ms.append((time.process_time() - cpu) * 1000)
+    finally:
+        await storage.aclose()
+    return [
+        figure("presign 1000 PUT URLs (CPU)", presign_ms, "ms", 50, digits=1),
+        figure("storage listing, 1000 keys (moto)", listing_ms, "ms", None),
+    ]
+
+
 async def bench(
     port: int, process: subprocess.Popen[bytes], log: Path, token: str, repeat: int
-) -> list[Row]:
+) -> tuple[list[Row], list[str]]:
     base_url = f"http://127.0.0.1:{port}"
     await wait_ready(base_url, process, log)
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as http:
-        return await run(Client(http, token), repeat, process.pid)
+        client = Client(http, token)
+        rows = await run(client, repeat, process.pid)
+        return rows, client.last_keys
 
 
 def main() -> None:
@@ -380,7 +422,8 @@ def main() -> None:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        rows = asyncio.run(bench(port, process, log, token, args.repeat))
+        rows, keys = asyncio.run(bench(port, process, log, token, args.repeat))
+        rows += asyncio.run(storage_rows(moto_url, keys, args.repeat))
         print()
         print_table(rows)
     finally:

@@ -61,12 +61,31 @@ def _constant(value: str) -> Callable[[Any], str]:
     return lambda _item: value
 
 
-def _serializer(output_type: GraphQLOutputType) -> tuple[Callable[[Any], Any], bool] | None:
-    nullable = not isinstance(output_type, GraphQLNonNull)
-    named = output_type.of_type if isinstance(output_type, GraphQLNonNull) else output_type
-    if isinstance(named, GraphQLScalarType | GraphQLEnumType):
-        return named.serialize, nullable
-    return None
+def _unwrap(output_type: GraphQLOutputType) -> tuple[GraphQLOutputType, bool]:
+    if isinstance(output_type, GraphQLNonNull):
+        return output_type.of_type, False
+    return output_type, True
+
+
+def _object_completer(plan: list[PlainField]) -> Callable[[Any], Any]:
+    return lambda value: _complete(value, plan)
+
+
+def _list_completer(item: Callable[[Any], Any], is_nullable: bool) -> Callable[[Any], Any]:
+    def complete(values: Any) -> list[Any]:
+        if not isinstance(values, list | tuple):
+            raise _NotPlain
+        completed: list[Any] = []
+        for value in values:
+            if value is None:
+                if not is_nullable:
+                    raise _NotPlain
+                completed.append(None)
+            else:
+                completed.append(item(value))
+        return completed
+
+    return complete
 
 
 class FastListExecutionContext(StrawberryGraphQLCoreExecutionContext):
@@ -104,13 +123,31 @@ class FastListExecutionContext(StrawberryGraphQLCoreExecutionContext):
                 plan = None
                 break
             getter = _getter(strawberry_field)
-            serializer = _serializer(field_def.type)
+            serializer = self._serializer(field_def.type, details)
             if getter is None or serializer is None:
                 plan = None
                 break
             plan.append((response_key, getter, *serializer))
         self._plain_plans[key] = plan
         return plan
+
+    def _serializer(
+        self, output_type: GraphQLOutputType, details: FieldDetailsList
+    ) -> tuple[Callable[[Any], Any], bool] | None:
+        """How to complete a field's value: scalars serialize; plain objects and lists of
+        them complete by their own plan (HttpHeader lists under upload targets, say)."""
+        named, is_nullable = _unwrap(output_type)
+        if isinstance(named, GraphQLScalarType | GraphQLEnumType):
+            return named.serialize, is_nullable
+        if isinstance(named, GraphQLObjectType):
+            plan = self._plain_plan(named, details)
+            return (_object_completer(plan), is_nullable) if plan is not None else None
+        if isinstance(named, GraphQLList):
+            item = self._serializer(named.of_type, details)
+            if item is None:
+                return None
+            return _list_completer(*item), is_nullable
+        return None
 
     def complete_list_value(
         self,

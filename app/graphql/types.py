@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import dataclasses
 import enum
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, NewType
 from urllib.parse import urlencode
 
 import strawberry
 from strawberry.scalars import JSON
+from strawberry.schema.name_converter import NameConverter
+from strawberry.types.base import StrawberryOptional
 from strawberry.types.scalar import ScalarDefinition
 
 from app import auth, models
@@ -382,3 +386,33 @@ class CompletedSliceInput:
     sop_instance_uid: str | None = None
     width: int | None = None
     height: int | None = None
+
+
+def _build_plain_input(cls: type[Any]) -> None:
+    """Builds instances of an input type whose fields are all scalars straight from
+    graphql-core's coerced value, through Strawberry's documented `from_input` hook.
+
+    Strawberry's generic conversion costs ~150 µs per object; a batch of 5000 slices would
+    spend most of its time there. graphql-core has already validated and coerced every
+    value (and filled in the published defaults), so only the names need mapping."""
+    definition = cls.__strawberry_definition__
+    converter = NameConverter()
+    names: list[tuple[str, str, Any]] = []
+    for field in definition.fields:
+        field_type = field.type
+        if isinstance(field_type, StrawberryOptional):
+            field_type = field_type.of_type
+        if field_type not in LEAF_TYPES:
+            raise TypeError(f"{cls.__name__}.{field.python_name} is not a scalar field")
+        default = None if field.default is dataclasses.MISSING else field.default
+        names.append((converter.from_field(field), field.python_name, default))
+
+    def from_input(target: type[Any], value: Mapping[str, Any], context: Any) -> Any:
+        return target(**{python: value.get(graphql, default) for graphql, python, default in names})
+
+    definition.from_input = from_input
+
+
+LEAF_TYPES = (int, str, float, bool, BigInt, strawberry.ID)
+_build_plain_input(SliceUploadInput)
+_build_plain_input(CompletedSliceInput)
