@@ -14,6 +14,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -73,6 +74,15 @@ def _postgres_answers() -> bool:
 async def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
     # Alembic runs its own event loop, so it gets a thread of its own.
+    await asyncio.to_thread(upgrade_database, url)
+    return url
+
+
+@pytest.fixture
+async def own_sqlite_url(tmp_path: Path) -> str:
+    """A database of the test's own, for a server it starts with special settings: what it
+    writes cannot leak into the shared stacks."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'own.db'}"
     await asyncio.to_thread(upgrade_database, url)
     return url
 

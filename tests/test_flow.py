@@ -126,12 +126,12 @@ async def test_create_upload_complete_query_delete(stack: Stack) -> None:
 
 
 async def test_signature_checking_storage_refuses_what_it_must(
-    rclone_server: RcloneServer, sqlite_url: str, tmp_path: Path
+    rclone_server: RcloneServer, own_sqlite_url: str, tmp_path: Path
 ) -> None:
     """Against `rclone serve s3`, which checks signatures, expiry and Content-MD5."""
     settings = s3_settings(
         rclone_server.endpoint_url, rclone_server.access_key, rclone_server.secret_key, "pacs-masks"
-    ).model_copy(update={"database_url": sqlite_url, "var_dir": tmp_path})
+    ).model_copy(update={"database_url": own_sqlite_url, "var_dir": tmp_path})
     async with open_stack("sqlite-rclone", settings, ensure_bucket=False) as stack:
         annotation_id = await create_annotation(stack)
         group_id = await create_group(stack, annotation_id, 1)

@@ -149,12 +149,12 @@ async def test_unexpected_errors_are_masked_and_logged(
     assert str(port) not in response.text
 
 
-async def test_storage_outage_is_storage_unavailable(sqlite_url: str, tmp_path: Path) -> None:
+async def test_storage_outage_is_storage_unavailable(own_sqlite_url: str, tmp_path: Path) -> None:
     from storage_servers import s3_settings
 
     port = _closed_port()
     settings = s3_settings(f"http://127.0.0.1:{port}", "k", "s", "pacs-masks").model_copy(
-        update={"database_url": sqlite_url, "var_dir": tmp_path}
+        update={"database_url": own_sqlite_url, "var_dir": tmp_path}
     )
     async with open_stack("outage", settings, ensure_bucket=False) as stack:
         annotation_id = await create_annotation(stack)
@@ -180,9 +180,9 @@ async def test_storage_outage_is_storage_unavailable(sqlite_url: str, tmp_path: 
         await asyncio.sleep(0)
 
 
-async def test_cors_only_for_configured_origins(tmp_path: Path, sqlite_url: str) -> None:
+async def test_cors_only_for_configured_origins(tmp_path: Path, own_sqlite_url: str) -> None:
     settings = base_settings(
-        database_url=sqlite_url, var_dir=tmp_path, cors_origins=["https://viewer.example"]
+        database_url=own_sqlite_url, var_dir=tmp_path, cors_origins=["https://viewer.example"]
     )
     async with serve(settings) as (_, base_url), httpx.AsyncClient(base_url=base_url) as client:
         preflight = await client.options(

@@ -66,11 +66,11 @@ async def test_fragment_depth_counts_and_cycles_do_not_hang(sqlite_local_stack: 
 
 
 async def test_introspection_and_graphiql_can_be_switched_off(
-    tmp_path: Path, sqlite_url: str
+    tmp_path: Path, own_sqlite_url: str
 ) -> None:
     introspection = "{ __schema { queryType { name } } }"
     settings = base_settings(
-        database_url=sqlite_url,
+        database_url=own_sqlite_url,
         var_dir=tmp_path,
         graphql_introspection=False,
         graphiql=False,

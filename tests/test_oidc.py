@@ -666,12 +666,12 @@ def test_looks_like_jwt(token: str, expected: bool) -> None:
 
 
 async def test_sso_token_works_end_to_end(
-    idp: Idp, rsa_key: SigningKey, sqlite_url: str, tmp_path: Any
+    idp: Idp, rsa_key: SigningKey, own_sqlite_url: str, tmp_path: Any
 ) -> None:
     from conftest import base_settings, serve
 
     settings = base_settings(
-        database_url=sqlite_url,
+        database_url=own_sqlite_url,
         var_dir=tmp_path,
         oidc_issuer=idp.issuer,
         oidc_audience=AUDIENCE,
