@@ -110,24 +110,11 @@ def test_serve_refuses_a_public_address_without_authentication(tmp_path: Path) -
 
 def test_migrate_and_export_schema(tmp_path: Path) -> None:
     env = {**_clean_env(), "DATABASE_URL": f"sqlite:///{tmp_path / 'm.db'}"}
-    migrated = subprocess.run(
-        [str(BIN / "pacs-masks"), "migrate"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    migrated = _cli(tmp_path, env, "migrate")
     assert migrated.returncode == 0, migrated.stderr
     assert (tmp_path / "m.db").exists()
-    exported = subprocess.run(
-        [str(BIN / "pacs-masks"), "export-schema"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    exported = _cli(tmp_path, env, "export-schema")
+    assert exported.returncode == 0, exported.stderr
     assert "requestMaskUploadUrls" in exported.stdout
 
 
