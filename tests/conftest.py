@@ -183,7 +183,12 @@ async def serve(settings: Settings) -> AsyncIterator[tuple[Starlette, str]]:
         update={"host": "127.0.0.1", "port": port, "public_base_url": f"http://127.0.0.1:{port}"}
     )
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on", access_log=False))
+    # The server keeps idle connections longer than httpx's pool does (5 s): otherwise a
+    # request sent on a connection the server is closing at that moment fails with ReadError.
+    config = uvicorn.Config(
+        app, log_config=None, lifespan="on", access_log=False, timeout_keep_alive=30
+    )
+    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
