@@ -13,7 +13,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import DisableIntrospection
 
@@ -21,11 +21,14 @@ from app.auth import authenticate, bearer_token
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker
 from app.errors import Unauthenticated
+from app.events import create_event_bus
+from app.graphql.live import LiveGraphQL
 from app.graphql.schema import create_schema
 from app.graphql.view import graphql_endpoint
 from app.models import Mask, utcnow
 from app.oidc import OidcConfig, OidcVerifier
 from app.storage import LABEL_PATTERN, Storage, StorageError, create_storage
+from app.view_urls import ViewUrlSigner
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +83,15 @@ async def readyz(request: Request) -> Response:
 async def view_mask(request: Request) -> Response:
     """Streams one stored mask image through the server (same-origin for the viewer)."""
     settings: Settings = request.app.state.settings
-    if not settings.auth_disabled:
+    seconds_left = None
+    if "signature" in request.query_params:
+        # A signed viewUrl (app/view_urls.py) stands for the bearer token for this one image.
+        seconds_left = request.app.state.view_urls.seconds_left(
+            request.path_params["group_id"], request.query_params
+        )
+        if seconds_left is None:
+            return PlainTextResponse("invalid or expired view URL", status_code=403)
+    elif not settings.auth_disabled:
         try:
             await authenticate(
                 request.app.state.sessionmaker,
@@ -109,7 +120,9 @@ async def view_mask(request: Request) -> Response:
     if row is None:
         return PlainTextResponse("no such mask", status_code=404)
     etag = f'"{row.checksum.removeprefix("md5:")}"'
-    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
+    # A signed URL names one image until it expires: the browser may reuse it until then.
+    cache = f"private, max-age={seconds_left}" if seconds_left else "private, no-cache"
+    headers = {"ETag": etag, "Cache-Control": cache}
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     storage: Storage = request.app.state.storage
@@ -127,8 +140,13 @@ async def view_mask(request: Request) -> Response:
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
     local_storage = None
+    schema = create_schema(
+        extensions=[] if settings.graphql_introspection else [DisableIntrospection]
+    )
+    live_graphql = LiveGraphQL(schema, settings)
     routes = [
         Route("/graphql", graphql_endpoint, methods=["GET", "POST"]),
+        WebSocketRoute("/graphql", live_graphql),
         Route("/api/mask-group/{group_id:int}/view", view_mask, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
@@ -146,9 +164,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.engine = engine
         app.state.sessionmaker = create_sessionmaker(engine)
         app.state.storage = storage
+        app.state.events = create_event_bus(engine)
+        await app.state.events.start()
         try:
             yield
         finally:
+            await app.state.events.aclose()
             await storage.aclose()
             await engine.dispose()
 
@@ -168,6 +189,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.settings = settings
     oidc_config = OidcConfig.from_settings(settings)
     app.state.oidc = OidcVerifier.from_config(oidc_config) if oidc_config else None
-    extensions = [] if settings.graphql_introspection else [DisableIntrospection]
-    app.state.schema = create_schema(extensions=extensions)
+    app.state.schema = schema
+    app.state.view_urls = ViewUrlSigner.from_settings(settings)
     return app

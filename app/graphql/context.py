@@ -5,12 +5,14 @@ from typing import TYPE_CHECKING
 
 import strawberry
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from starlette.requests import Request
+from starlette.requests import HTTPConnection
 
 from app.audit import Actor
 from app.auth import Principal
 from app.config import Settings
+from app.events import EventBus
 from app.storage import Storage
+from app.view_urls import ViewUrlSigner
 
 if TYPE_CHECKING:
     from app.graphql.loaders import Loaders
@@ -18,12 +20,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class Context:
-    request: Request
+    # The HTTP request, or the WebSocket of a subscription.
+    request: HTTPConnection
     settings: Settings
     sessionmaker: async_sessionmaker[AsyncSession]
     storage: Storage
     request_id: str
     principal: Principal
+    events: EventBus
+    view_urls: ViewUrlSigner
     loaders: Loaders = field(init=False)
 
     def __post_init__(self) -> None:

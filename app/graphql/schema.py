@@ -11,8 +11,10 @@ from app import masks
 from app.auth import Role, require
 from app.db import transaction
 from app.errors import BadUserInput
+from app.events import EventKind, MaskGroupEvent, group_state
 from app.graphql.context import Info
 from app.graphql.execution import FastListExecutionContext
+from app.graphql.live import Subscription
 from app.graphql.types import (
     SCALARS,
     Annotation,
@@ -77,7 +79,7 @@ class Query:
     @strawberry.field
     async def mask(self, info: Info, id: strawberry.ID) -> Mask | None:
         row = await info.context.loaders.mask.load(parse_id("id", id))
-        return Mask.from_row(row) if row is not None else None
+        return Mask.from_row(row, info.context.view_urls) if row is not None else None
 
     @strawberry.field(description="who the bearer token belongs to")
     def me(self, info: Info) -> Principal:
@@ -153,6 +155,7 @@ class Mutation:
                 confidence=input.confidence,
                 inference_parameters=input.inference_parameters,
             )
+            await context.events.publish(session, MaskGroupEvent.of(EventKind.CREATED, group))
         return MaskGroup.from_row(group)
 
     @strawberry.mutation(
@@ -219,9 +222,11 @@ class Mutation:
                 ],
                 now=utcnow(),
             )
+            event = MaskGroupEvent.of(EventKind.SLICES_COMPLETED, group)
+            await context.events.publish(session, event)
         return CompleteMaskUploadPayload(
             mask_group=MaskGroup.from_row(group),
-            masks=[Mask.from_row(mask) for mask in registered],
+            masks=[Mask.from_row(mask, context.view_urls) for mask in registered],
         )
 
     @strawberry.mutation(
@@ -230,9 +235,12 @@ class Mutation:
     async def delete_mask_group(self, info: Info, id: strawberry.ID) -> DeleteMaskGroupPayload:
         context = info.context
         async with transaction(context.sessionmaker) as session:
+            deleted = await group_state(session, parse_id("id", id))
             deletion = await masks.delete_mask_group(
                 session, context.actor, group_id=parse_id("id", id), now=utcnow()
             )
+            if deleted is not None:
+                await context.events.publish(session, MaskGroupEvent.of(EventKind.DELETED, deleted))
         removed, failed = await masks.purge_storage_deletion(
             context.sessionmaker,
             context.storage,
@@ -259,7 +267,11 @@ class Schema(strawberry.Schema):
 def create_schema(**options: Any) -> Schema:
     options.setdefault("execution_context_class", FastListExecutionContext)
     return Schema(
-        query=Query, mutation=Mutation, config=StrawberryConfig(scalar_map=SCALARS), **options
+        query=Query,
+        mutation=Mutation,
+        subscription=Subscription,
+        config=StrawberryConfig(scalar_map=SCALARS),
+        **options,
     )
 
 

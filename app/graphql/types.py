@@ -5,7 +5,6 @@ import enum
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, NewType
-from urllib.parse import urlencode
 
 import strawberry
 from strawberry.scalars import JSON
@@ -20,6 +19,7 @@ from app.graphql.loaders import MaskFilter
 from app.masks import UploadTarget
 from app.models import utcnow
 from app.storage import SignedRequest
+from app.view_urls import ViewUrlSigner
 
 
 def _parse_big_int(value: object) -> int:
@@ -242,7 +242,7 @@ class MaskGroup:
             raise BadUserInput("offset must not be negative", field="offset")
         mask_filter = MaskFilter(slice_index_from, slice_index_to, label_name, limit, offset)
         rows = await info.context.loaders.masks_of_group.load((int(self.id), mask_filter))
-        return [Mask.from_row(row) for row in rows]
+        return [Mask.from_row(row, info.context.view_urls) for row in rows]
 
 
 @strawberry.type
@@ -263,9 +263,10 @@ class Mask:
     width: int | None
     height: int | None
     created_at: datetime
+    view_urls: strawberry.Private[ViewUrlSigner]
 
     @classmethod
-    def from_row(cls, row: Any) -> Mask:
+    def from_row(cls, row: Any, view_urls: ViewUrlSigner) -> Mask:
         return cls(
             id=strawberry.ID(str(row.id)),
             mask_group_id=strawberry.ID(str(row.mask_group_id)),
@@ -279,6 +280,7 @@ class Mask:
             width=row.width,
             height=row.height,
             created_at=row.created_at,
+            view_urls=view_urls,
         )
 
     @strawberry.field(description="presigned GET for the stored object")
@@ -289,13 +291,16 @@ class Mask:
 
     @strawberry.field(
         description="same-origin path that streams the image through the server: "
-        "/api/mask-group/{groupId}/view?slice=N[&label=L]"
+        "/api/mask-group/{groupId}/view?slice=N[&label=L]&expires=E&signature=S, signed for "
+        "VIEW_URL_TTL seconds so that an <img> loads it without an Authorization header"
     )
     def view_url(self) -> str:
-        query: dict[str, str | int] = {"slice": self.slice_index}
-        if self.label_name:
-            query["label"] = self.label_name
-        return f"/api/mask-group/{self.mask_group_id}/view?{urlencode(query)}"
+        return self.view_urls.url(
+            self.mask_group_id,
+            self.slice_index,
+            self.label_name,
+            self.view_urls.current_expiry(),
+        )
 
 
 @strawberry.type

@@ -205,6 +205,8 @@ async def graphql_endpoint(request: Request) -> Response:
         storage=state.storage,
         request_id=request_id,
         principal=principal,
+        events=state.events,
+        view_urls=state.view_urls,
     )
     result = await schema.execute(
         query, variable_values=variables, context_value=context, operation_name=operation_name
