@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,12 @@ from app.events import (
 )
 from app.models import MaskGroupStatus, utcnow
 
-EVENTS = """
-subscription($annotationId: ID!) {
-  maskGroupEvents(annotationId: $annotationId) {
-    kind annotationId maskGroupId sliceCount uploadedSliceCount status occurredAt
-  }
-}"""
+# The README's example is the subscription every test here sends.
+EVENTS = re.search(  # type: ignore[union-attr]
+    r"```graphql\n(subscription .*?)```",
+    (Path(__file__).resolve().parent.parent / "README.md").read_text(),
+    re.DOTALL,
+).group(1)
 PROTOCOL = "graphql-transport-ws"
 WAIT_SECONDS = 10
 
