@@ -300,7 +300,7 @@ class PostgresEventBus(EventBus):
         while True:
             try:
                 connection: asyncpg.Connection = await self._connect()
-            except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
                 delay = LISTENER_RETRY_SECONDS[min(failures, len(LISTENER_RETRY_SECONDS) - 1)]
                 failures += 1
                 logger.warning("event listener cannot connect (retry in %ss): %s", delay, error)
@@ -309,14 +309,19 @@ class PostgresEventBus(EventBus):
             failures = 0
             try:
                 await self._listen(connection)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
                 logger.warning("event listener lost its connection, reconnecting: %s", error)
+            except Exception:
+                # Whatever else went wrong, the listener must come back: events depend on it.
+                logger.exception("event listener failed, reconnecting")
             finally:
                 self._listening.clear()
                 # Notifications sent while nobody listened are gone: subscribers resync.
                 self._fan_out.drop_all()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(connection.close(), timeout=2)
+            # A connection that fails at once must not turn this loop into a busy one.
+            await asyncio.sleep(LISTENER_RETRY_SECONDS[0])
 
     async def _listen(self, connection: asyncpg.Connection) -> None:
         lost = asyncio.Event()
