@@ -18,7 +18,7 @@ from flows import create_annotation, create_group, upload
 from operations import COMPLETE, DELETE_GROUP
 from starlette.applications import Starlette
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from app.db import transaction
 from app.events import (
@@ -212,13 +212,14 @@ async def test_subscribe_before_connection_init_is_closed_4401(sqlite_local_stac
 
 
 async def test_cross_site_page_cannot_open_a_socket(sqlite_local_stack: Stack) -> None:
-    with pytest.raises(Exception, match="403"):
+    with pytest.raises(InvalidStatus) as refused:
         async with connect(
             ws_url(sqlite_local_stack.base_url),
             subprotocols=[PROTOCOL],  # type: ignore[list-item]
             origin="https://evil.example",  # type: ignore[arg-type]
         ):
             pass
+    assert refused.value.response.status_code == 403
 
 
 async def test_only_subscriptions_and_known_annotations(stack: Stack) -> None:
@@ -236,6 +237,13 @@ async def test_only_subscriptions_and_known_annotations(stack: Stack) -> None:
         assert missing["payload"]["data"] is None
         assert missing["payload"]["errors"][0]["extensions"]["code"] == "NOT_FOUND"
         assert await client.receive() == {"id": "missing", "type": "complete"}
+
+        await client.send(
+            {"id": "typo", "type": "subscribe", "payload": {"query": "subscription { nope }"}}
+        )
+        invalid = await client.receive()
+        assert invalid["type"] == "error"
+        assert invalid["payload"][0]["extensions"]["code"] == "BAD_USER_INPUT"
 
         deep = "subscription { maskGroupEvents(annotationId: 1) { kind " + "x " * 30000 + "} }"
         await client.send({"id": "big", "type": "subscribe", "payload": {"query": deep}})

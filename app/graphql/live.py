@@ -154,7 +154,11 @@ class _TransportWSHandler(BaseGraphQLTransportWSHandler[LiveContext, None]):
 
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
         if self.connection_acknowledged:
-            refusal = self._refusal(message["payload"].get("query", ""), message["payload"])
+            payload = message.get("payload")
+            if not isinstance(payload, dict):
+                await self.handle_invalid_message("subscribe needs a payload object")
+                return
+            refusal = self._refusal(payload)
             if refusal is not None:
                 error = GraphQLError(refusal.message, extensions=refusal.extensions)
                 await self.send_message(
@@ -163,8 +167,9 @@ class _TransportWSHandler(BaseGraphQLTransportWSHandler[LiveContext, None]):
                 return
         await super().handle_subscribe(message)
 
-    def _refusal(self, query: object, payload: Mapping[str, Any]) -> AppError | None:
+    def _refusal(self, payload: Mapping[str, Any]) -> AppError | None:
         settings = self.context.settings
+        query = payload.get("query")
         if not isinstance(query, str):
             return BadUserInput("query must be a string")
         try:
