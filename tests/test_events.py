@@ -29,8 +29,9 @@ from app.events import (
     InProcessEventBus,
     MaskGroupEvent,
     PostgresEventBus,
+    create_event_bus,
 )
-from app.models import MaskGroupStatus, utcnow
+from app.models import MaskGroup, MaskGroupStatus, utcnow
 
 # The README's example is the subscription every test here sends.
 EVENTS = re.search(  # type: ignore[union-attr]
@@ -430,3 +431,26 @@ async def test_listener_reconnects_and_subscribers_resync(
         await subscribers(server_b.app, annotation_id)
         group_id = await create_group(server_a, annotation_id, 1)
         assert (await client.event())["maskGroupId"] == group_id
+
+
+async def test_a_job_in_another_process_publishes_validated(
+    two_replicas: tuple[Stack, Stack],
+) -> None:
+    """The validation job publishes with a bus of its own on its own engine, as a separate
+    process would; on PostgreSQL that needs no listener."""
+    server, _ = two_replicas
+    annotation_id = await create_annotation(server)
+    group_id = await create_group(server, annotation_id, 1)
+    await upload(server, group_id, [0])
+    job_bus = create_event_bus(server.engine)
+    async with live(server.base_url, server.tokens["reader"]) as client:
+        await client.subscribe(annotation_id)
+        await subscribers(server.app, annotation_id)
+        async with transaction(server.sessionmaker) as session:
+            group = await session.get(MaskGroup, int(group_id))
+            assert group is not None
+            await job_bus.publish(session, MaskGroupEvent.of(EventKind.VALIDATED, group))
+        validated = await client.event()
+        assert without_time(validated) == expected(
+            "VALIDATED", annotation_id, group_id, 1, 1, "COMPLETE"
+        )
