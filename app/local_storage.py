@@ -32,11 +32,12 @@ import anyio
 import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
 from app.config import CONTENT_TYPE_EXTENSIONS, Settings
 from app.storage import ObjectStream, SignedRequest, StorageError, StoredObject, md5_base64_to_hex
 
+ROUTE_PATH = "/storage/{key:path}"
+ROUTE_METHODS = ["PUT", "GET", "HEAD"]
 CHUNK_SIZE = 64 * 1024
 # Upload bodies are written in batches of this size so small masks cost one thread hop in all.
 FLUSH_SIZE = 1024 * 1024
@@ -313,10 +314,8 @@ class LocalStorage:
             raise PermissionError("storage key leads outside the storage root")
         return path
 
-    def routes(self) -> list[Route]:
-        return [Route("/storage/{key:path}", self._endpoint, methods=["PUT", "GET", "HEAD"])]
-
-    async def _endpoint(self, request: Request) -> Response:
+    async def handle(self, request: Request) -> Response:
+        """Serves ROUTE_PATH: signed PUTs, GETs and HEADs of one object."""
         key: str = request.path_params["key"]
         if _KEY.fullmatch(key) is None:
             return _error(400, "InvalidArgument", "Invalid object key.")

@@ -1,7 +1,7 @@
-"""The storage protocol, the key rule, and the factory that picks a backend from settings.
+"""The storage protocol and the key rule.
 
 Backends: `app.s3` (S3 / MinIO through aiobotocore) and `app.local_storage` (local disk,
-served and verified by this app under /storage/...).
+served and verified by this app under /storage/...); `app.main.open_storage` picks one.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from app.config import CONTENT_TYPE_EXTENSIONS, Settings
+from app.config import CONTENT_TYPE_EXTENSIONS
 
 KEY_ROOT = "mask"
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -109,13 +109,3 @@ class Storage(Protocol):
         ...
 
     async def aclose(self) -> None: ...
-
-
-async def create_storage(settings: Settings) -> Storage:
-    if settings.storage_provider == "local":
-        from app.local_storage import LocalStorage
-
-        return LocalStorage.from_settings(settings)
-    from app.s3 import S3Storage
-
-    return await S3Storage.from_settings(settings)
