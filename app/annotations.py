@@ -6,10 +6,9 @@ transaction, so a batch either lands whole or not at all."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Row, Table, select
+from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit import Actor, record
@@ -25,37 +24,20 @@ from app.validation import (
     validate_uid,
 )
 
-ANNOTATION = cast(Table, Annotation.__table__)
-MAX_PAGE = 500
 
-
-@dataclass(frozen=True, slots=True)
-class NewAnnotation:
-    study_instance_uid: str
-    series_instance_uid: str | None = None
-    label: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class NewMaskGroup:
-    annotation_id: int
-    group_name: str | None = None
-    model_name: str | None = None
-    version: str | None = None
-    modality: str | None = None
-    slice_count: int = 1
-    mask_type: str = "segmentation"
-    description: str | None = None
-    confidence: float | None = None
-    inference_parameters: Any = None
-
-
-async def create_annotation(session: AsyncSession, actor: Actor, new: NewAnnotation) -> Annotation:
+async def create_annotation(
+    session: AsyncSession,
+    actor: Actor,
+    *,
+    study_instance_uid: str,
+    series_instance_uid: str | None,
+    label: str | None,
+) -> Annotation:
     require(actor.principal, Role.UPLOADER)
     annotation = Annotation(
-        study_instance_uid=validate_uid("studyInstanceUid", new.study_instance_uid, required=True),
-        series_instance_uid=validate_uid("seriesInstanceUid", new.series_instance_uid),
-        label=validate_text("label", new.label),
+        study_instance_uid=validate_uid("studyInstanceUid", study_instance_uid, required=True),
+        series_instance_uid=validate_uid("seriesInstanceUid", series_instance_uid),
+        label=validate_text("label", label),
         created_by=actor.principal.user,
         created_at=utcnow(),
     )
@@ -66,27 +48,40 @@ async def create_annotation(session: AsyncSession, actor: Actor, new: NewAnnotat
 
 
 async def create_mask_group(
-    session: AsyncSession, settings: Settings, actor: Actor, new: NewMaskGroup
+    session: AsyncSession,
+    settings: Settings,
+    actor: Actor,
+    *,
+    annotation_id: int,
+    group_name: str | None,
+    model_name: str | None,
+    version: str | None,
+    modality: str | None,
+    slice_count: int,
+    mask_type: str,
+    description: str | None,
+    confidence: float | None,
+    inference_parameters: Any,
 ) -> MaskGroup:
     require(actor.principal, Role.UPLOADER)
-    if not 1 <= new.slice_count <= settings.max_slice_count:
+    if not 1 <= slice_count <= settings.max_slice_count:
         raise BadUserInput(
             f"sliceCount must be between 1 and {settings.max_slice_count}", field="sliceCount"
         )
-    if not new.mask_type.strip():
+    if not mask_type.strip():
         raise BadUserInput("maskType must not be empty", field="maskType")
-    if new.confidence is not None and not 0.0 <= new.confidence <= 1.0:
+    if confidence is not None and not 0.0 <= confidence <= 1.0:
         raise BadUserInput("confidence must be between 0 and 1", field="confidence")
     group = MaskGroup(
-        group_name=validate_text("groupName", new.group_name),
-        model_name=validate_text("modelName", new.model_name),
-        version=validate_text("version", new.version),
-        modality=validate_text("modality", new.modality, MODALITY_MAX),
-        slice_count=new.slice_count,
-        mask_type=validate_text("maskType", new.mask_type, 64),
-        description=validate_text("description", new.description, DESCRIPTION_MAX),
-        confidence=new.confidence,
-        inference_parameters=new.inference_parameters,
+        group_name=validate_text("groupName", group_name),
+        model_name=validate_text("modelName", model_name),
+        version=validate_text("version", version),
+        modality=validate_text("modality", modality, MODALITY_MAX),
+        slice_count=slice_count,
+        mask_type=validate_text("maskType", mask_type, 64),
+        description=validate_text("description", description, DESCRIPTION_MAX),
+        confidence=confidence,
+        inference_parameters=inference_parameters,
         created_by=actor.principal.user,
         created_at=utcnow(),
         status=MaskGroupStatus.PENDING,
@@ -94,22 +89,25 @@ async def create_mask_group(
         total_bytes=0,
     )
     annotation_exists = await session.scalar(
-        select(Annotation.id).where(Annotation.id == new.annotation_id)
+        select(Annotation.id).where(Annotation.id == annotation_id)
     )
     if annotation_exists is None:
-        raise NotFound(f"annotation {new.annotation_id} does not exist", field="annotationId")
-    group.annotation_id = new.annotation_id
+        raise NotFound(f"annotation {annotation_id} does not exist", field="annotationId")
+    group.annotation_id = annotation_id
     session.add(group)
     await session.flush()
     await record(
         session,
         actor,
         "mask_group.create",
-        annotation_id=new.annotation_id,
+        annotation_id=annotation_id,
         mask_group_id=group.id,
-        slice_count=new.slice_count,
+        slice_count=slice_count,
     )
     return group
+
+
+ANNOTATIONS_PAGE_MAX = 500
 
 
 async def list_annotations(
@@ -121,11 +119,12 @@ async def list_annotations(
     offset: int,
 ) -> Sequence[Row[Any]]:
     """Newest first."""
-    check_page(limit, offset, max_limit=MAX_PAGE)
-    statement = ANNOTATION.select()
+    check_page(limit, offset, max_limit=ANNOTATIONS_PAGE_MAX)
+    table = Annotation.__table__
+    statement = table.select()
     if study_instance_uid is not None:
-        statement = statement.where(ANNOTATION.c.study_instance_uid == study_instance_uid)
+        statement = statement.where(table.c.study_instance_uid == study_instance_uid)
     if series_instance_uid is not None:
-        statement = statement.where(ANNOTATION.c.series_instance_uid == series_instance_uid)
-    statement = statement.order_by(ANNOTATION.c.id.desc()).limit(limit).offset(offset)
+        statement = statement.where(table.c.series_instance_uid == series_instance_uid)
+    statement = statement.order_by(table.c.id.desc()).limit(limit).offset(offset)
     return (await session.execute(statement)).all()

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Row, Table, insert
+from sqlalchemy import Row, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.models import AuditEvent, utcnow
+from app.models import AuditEvent, MaskGroup, utcnow
 from app.principals import Principal, Role, require
 from app.validation import check_page, parse_id
-
-AUDIT_EVENT = cast(Table, AuditEvent.__table__)
-MAX_PAGE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,12 +28,15 @@ async def record(
     actor: Actor,
     action: str,
     *,
+    group: MaskGroup | None = None,
     annotation_id: int | None = None,
     mask_group_id: int | None = None,
     slice_count: int | None = None,
     byte_count: int | None = None,
     detail: dict[str, Any] | None = None,
 ) -> None:
+    if group is not None:
+        annotation_id, mask_group_id = group.annotation_id, group.id
     await session.execute(
         insert(AuditEvent).values(
             occurred_at=utcnow(),
@@ -57,10 +57,13 @@ async def record(
 @dataclass(frozen=True, slots=True)
 class AuditFilter:
     # Ids as the client sent them: parsed after the role check, so strangers learn nothing.
-    annotation_id: str | None = None
-    mask_group_id: str | None = None
-    actor: str | None = None
-    action: str | None = None
+    annotation_id: str | None
+    mask_group_id: str | None
+    actor: str | None
+    action: str | None
+
+
+AUDIT_PAGE_MAX = 1000
 
 
 async def list_audit_events(
@@ -68,17 +71,18 @@ async def list_audit_events(
 ) -> Sequence[Row[Any]]:
     """Newest first; ADMIN only."""
     require(reader, Role.ADMIN)
-    check_page(limit, offset, max_limit=MAX_PAGE)
-    statement = AUDIT_EVENT.select()
+    check_page(limit, offset, max_limit=AUDIT_PAGE_MAX)
+    table = AuditEvent.__table__
+    statement = table.select()
     for column, value in (
-        (AUDIT_EVENT.c.annotation_id, _optional_id("annotationId", where.annotation_id)),
-        (AUDIT_EVENT.c.mask_group_id, _optional_id("maskGroupId", where.mask_group_id)),
-        (AUDIT_EVENT.c.actor, where.actor),
-        (AUDIT_EVENT.c.action, where.action),
+        (table.c.annotation_id, _optional_id("annotationId", where.annotation_id)),
+        (table.c.mask_group_id, _optional_id("maskGroupId", where.mask_group_id)),
+        (table.c.actor, where.actor),
+        (table.c.action, where.action),
     ):
         if value is not None:
             statement = statement.where(column == value)
-    statement = statement.order_by(AUDIT_EVENT.c.id.desc()).limit(limit).offset(offset)
+    statement = statement.order_by(table.c.id.desc()).limit(limit).offset(offset)
     return (await session.execute(statement)).all()
 
 

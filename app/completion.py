@@ -14,16 +14,7 @@ from app.audit import Actor, record
 from app.config import Settings
 from app.errors import ChecksumMismatch, StorageUnavailable, UploadIncomplete
 from app.models import Mask, MaskGroup, MaskGroupStatus, MaskUpload
-from app.principals import Role, require
-from app.slices import (
-    MASK,
-    SliceName,
-    check_batch_size,
-    check_slice_identity,
-    lock_own_group,
-    rows_in_range,
-    slice_name,
-)
+from app.slices import MASK, SliceName, check_slice_identity, lock_batch, rows_in_range, slice_name
 from app.storage import Storage, StorageError
 from app.upload_urls import MASK_UPLOAD
 from app.validation import MAX_DIMENSION, Problems, is_uid
@@ -33,9 +24,9 @@ from app.validation import MAX_DIMENSION, Problems, is_uid
 class CompletedSlice:
     slice_index: int
     label_name: str | None
-    sop_instance_uid: str | None = None
-    width: int | None = None
-    height: int | None = None
+    sop_instance_uid: str | None
+    width: int | None
+    height: int | None
 
 
 def _check_slices(group: MaskGroup, slices: Sequence[CompletedSlice]) -> None:
@@ -61,9 +52,7 @@ async def complete_upload(
     slices: Sequence[CompletedSlice],
     now: datetime,
 ) -> tuple[MaskGroup, list[Row[Any]]]:
-    require(actor.principal, Role.UPLOADER)
-    check_batch_size(settings, len(slices))
-    group = await lock_own_group(session, actor, group_id)
+    group = await lock_batch(session, settings, actor, group_id, len(slices))
     _check_slices(group, slices)
 
     indexes = [item.slice_index for item in slices]
@@ -160,8 +149,7 @@ async def complete_upload(
         session,
         actor,
         "upload.complete",
-        annotation_id=group.annotation_id,
-        mask_group_id=group.id,
+        group=group,
         slice_count=len(new_rows),
         byte_count=sum(row["file_size"] for row in new_rows),
         detail={"alreadyRegistered": len(slices) - len(new_rows), "status": group.status.value},

@@ -70,8 +70,7 @@ async def delete_mask_group(
         session,
         actor,
         "mask_group.delete",
-        annotation_id=group.annotation_id,
-        mask_group_id=group.id,
+        group=group,
         slice_count=mask_count or 0,
         byte_count=group.total_bytes,
     )

@@ -34,7 +34,14 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from app.config import CONTENT_TYPE_EXTENSIONS, Settings
-from app.storage import ObjectStream, SignedRequest, StorageError, StoredObject, md5_base64_to_hex
+from app.storage import (
+    ObjectStream,
+    SignedRequest,
+    StorageError,
+    StoredObject,
+    md5_base64_to_hex,
+    signed_put,
+)
 
 ROUTE_PATH = "/storage/{key:path}"
 ROUTE_METHODS = ["PUT", "GET", "HEAD"]
@@ -286,11 +293,12 @@ class LocalStorage:
         expires = int(now.timestamp()) + expires_in
         canonical = f"PUT\n{key}\n{expires}\n{content_type}\n{content_md5}\n{content_length}"
         query = f"?expires={expires}&length={content_length}&signature={self._sign(canonical)}"
-        return SignedRequest(
-            url=self._base_url + key + query,
-            method="PUT",
-            headers=(("Content-Type", content_type), ("Content-MD5", content_md5)),
-            expires_at=now + timedelta(seconds=expires_in),
+        return signed_put(
+            self._base_url + key + query,
+            content_type=content_type,
+            content_md5=content_md5,
+            expires_in=expires_in,
+            now=now,
         )
 
     def presign_get(self, key: str, *, expires_in: int, now: datetime) -> SignedRequest:

@@ -13,7 +13,7 @@ from app.audit import Actor
 from app.config import Settings
 from app.errors import BadUserInput, NotFound
 from app.models import Mask, MaskGroup
-from app.principals import require_owner
+from app.principals import Role, require, require_owner
 from app.storage import LABEL_PATTERN
 from app.validation import Problems
 
@@ -37,6 +37,15 @@ async def lock_own_group(
         raise NotFound(f"mask group {group_id} does not exist", field=field)
     require_owner(actor.principal, group.created_by, f"mask group {group_id}")
     return group
+
+
+async def lock_batch(
+    session: AsyncSession, settings: Settings, actor: Actor, group_id: int, count: int
+) -> MaskGroup:
+    """The checks every batch of slices on a group starts with, in the order clients see."""
+    require(actor.principal, Role.UPLOADER)
+    check_batch_size(settings, count)
+    return await lock_own_group(session, actor, group_id)
 
 
 def check_batch_size(settings: Settings, count: int) -> None:

@@ -11,7 +11,7 @@ import binascii
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from app.config import CONTENT_TYPE_EXTENSIONS
@@ -57,6 +57,18 @@ class SignedRequest:
     # Headers the client must send exactly as given: they are part of the signature.
     headers: tuple[tuple[str, str], ...]
     expires_at: datetime
+
+
+def signed_put(
+    url: str, *, content_type: str, content_md5: str, expires_in: int, now: datetime
+) -> SignedRequest:
+    """A signed PUT whose Content-Type and Content-MD5 the signature covers."""
+    return SignedRequest(
+        url=url,
+        method="PUT",
+        headers=(("Content-Type", content_type), ("Content-MD5", content_md5)),
+        expires_at=now + timedelta(seconds=expires_in),
+    )
 
 
 @dataclass(frozen=True, slots=True)

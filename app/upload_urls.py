@@ -152,10 +152,9 @@ async def request_upload_urls(
         session,
         actor,
         "upload_urls.issue",
-        annotation_id=group.annotation_id,
-        mask_group_id=group.id,
+        group=group,
+        detail={"ttlSeconds": ttl},
         slice_count=len(slices),
         byte_count=sum(item.file_size for item in slices),
-        detail={"ttlSeconds": ttl},
     )
     return targets

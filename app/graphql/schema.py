@@ -7,13 +7,7 @@ from graphql import GraphQLError
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types import ExecutionContext
 
-from app.annotations import (
-    NewAnnotation,
-    NewMaskGroup,
-    create_annotation,
-    create_mask_group,
-    list_annotations,
-)
+from app.annotations import create_annotation, create_mask_group, list_annotations
 from app.audit import AuditFilter, list_audit_events
 from app.completion import CompletedSlice, complete_upload
 from app.db import transaction
@@ -34,7 +28,7 @@ from app.graphql.types import (
     MaskUploadTarget,
     Principal,
     SliceUploadInput,
-    to_domain,
+    fields_of,
     to_domain_list,
 )
 from app.models import utcnow
@@ -109,25 +103,15 @@ class Mutation:
     @strawberry.mutation
     async def create_annotation(self, info: Info, input: CreateAnnotationInput) -> Annotation:
         async with transaction(info.context.sessionmaker) as session:
-            annotation = await create_annotation(
-                session, info.context.actor, to_domain(NewAnnotation, input)
-            )
+            annotation = await create_annotation(session, info.context.actor, **fields_of(input))
         return Annotation.from_row(annotation)
 
     @strawberry.mutation
     async def create_mask_group(self, info: Info, input: CreateMaskGroupInput) -> MaskGroup:
         context = info.context
+        fields = fields_of(input, annotation_id=parse_id("annotationId", input.annotation_id))
         async with transaction(context.sessionmaker) as session:
-            group = await create_mask_group(
-                session,
-                context.settings,
-                context.actor,
-                to_domain(
-                    NewMaskGroup,
-                    input,
-                    annotation_id=parse_id("annotationId", input.annotation_id),
-                ),
-            )
+            group = await create_mask_group(session, context.settings, context.actor, **fields)
         return MaskGroup.from_row(group)
 
     @strawberry.mutation(
@@ -166,6 +150,7 @@ class Mutation:
         self, info: Info, group_id: strawberry.ID, slices: list[CompletedSliceInput]
     ) -> CompleteMaskUploadPayload:
         context = info.context
+        batch = to_domain_list(CompletedSlice, slices)
         async with transaction(context.sessionmaker) as session:
             group, registered = await complete_upload(
                 session,
@@ -173,7 +158,7 @@ class Mutation:
                 context.settings,
                 context.actor,
                 group_id=parse_id("groupId", group_id),
-                slices=to_domain_list(CompletedSlice, slices),
+                slices=batch,
                 now=utcnow(),
             )
         return CompleteMaskUploadPayload(

@@ -108,12 +108,10 @@ class FromRow:
         return cls(**{name: convert(getattr(row, name)) for name, convert in plan})
 
 
-def to_domain(cls: Callable[..., DomainT], source: Any, **overrides: Any) -> DomainT:
-    """A domain dataclass from a GraphQL input of the same field names."""
-    names = (field.name for field in dataclasses.fields(cls))  # type: ignore[arg-type]
-    return cls(
-        **{name: getattr(source, name) for name in names if name not in overrides}, **overrides
-    )
+def fields_of(source: Any, **overrides: Any) -> dict[str, Any]:
+    """The fields of a GraphQL input as keyword arguments for a domain function."""
+    values = {field.name: getattr(source, field.name) for field in dataclasses.fields(source)}
+    return {**values, **overrides}
 
 
 def to_domain_list(cls: Callable[..., DomainT], sources: Iterable[Any]) -> list[DomainT]:
@@ -336,6 +334,15 @@ class CreateMaskGroupInput:
 
 
 @strawberry.input
+class CompletedSliceInput:
+    slice_index: int
+    label_name: str | None = None
+    sop_instance_uid: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+@strawberry.input
 class SliceUploadInput:
     slice_index: int
     label_name: str | None = None
@@ -348,15 +355,6 @@ class SliceUploadInput:
         "It is signed into the upload so that storage refuses a different body, and checked "
         "again on completion."
     )
-
-
-@strawberry.input
-class CompletedSliceInput:
-    slice_index: int
-    label_name: str | None = None
-    sop_instance_uid: str | None = None
-    width: int | None = None
-    height: int | None = None
 
 
 def _build_plain_input(cls: type[Any]) -> None:
