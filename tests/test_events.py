@@ -16,7 +16,6 @@ import pytest
 from conftest import Stack, base_settings, open_stack, reset
 from flows import create_annotation, create_group, upload
 from operations import COMPLETE, DELETE_GROUP
-from starlette.applications import Starlette
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -97,10 +96,10 @@ async def live(
         yield client
 
 
-async def subscribers(app: Starlette, annotation_id: str, count: int = 1) -> None:
+async def subscribers(stack: Stack, annotation_id: str, count: int = 1) -> None:
     """Waits until the server has registered `count` subscribers (the protocol has no
     'subscribed' message, and a mutation sent earlier would not be seen)."""
-    bus = app.state.events
+    bus = stack.services.events
     for _ in range(WAIT_SECONDS * 100):
         if bus.subscriber_count(int(annotation_id)) == count:
             return
@@ -130,7 +129,7 @@ async def test_subscriber_sees_another_clients_changes(stack: Stack) -> None:
     annotation_id = await create_annotation(stack)
     async with live(stack.base_url, stack.tokens["reader"]) as client:
         await client.subscribe(annotation_id)
-        await subscribers(stack.app, annotation_id)
+        await subscribers(stack, annotation_id)
 
         group_id = await create_group(stack, annotation_id, 3)
         created = await client.event()
@@ -164,7 +163,7 @@ async def test_subscriber_sees_another_clients_changes(stack: Stack) -> None:
         assert created["occurredAt"] <= completed["occurredAt"] <= deleted["occurredAt"]
 
     # The subscriber went with its socket.
-    await subscribers(stack.app, annotation_id, 0)
+    await subscribers(stack, annotation_id, 0)
 
 
 async def test_events_of_other_annotations_are_not_sent(stack: Stack) -> None:
@@ -172,7 +171,7 @@ async def test_events_of_other_annotations_are_not_sent(stack: Stack) -> None:
     other = await create_annotation(stack, "1.2.3.4")
     async with live(stack.base_url, stack.tokens["reader"]) as client:
         await client.subscribe(watched)
-        await subscribers(stack.app, watched)
+        await subscribers(stack, watched)
         await create_group(stack, other, 1)
         group_id = await create_group(stack, watched, 1)
         assert (await client.event())["maskGroupId"] == group_id
@@ -182,7 +181,7 @@ async def test_token_in_the_upgrade_header_is_accepted(stack: Stack) -> None:
     annotation_id = await create_annotation(stack)
     async with live(stack.base_url, stack.tokens["reader"], header=True) as client:
         await client.subscribe(annotation_id)
-        await subscribers(stack.app, annotation_id)
+        await subscribers(stack, annotation_id)
         group_id = await create_group(stack, annotation_id, 1)
         assert (await client.event())["maskGroupId"] == group_id
 
@@ -260,27 +259,27 @@ async def test_disconnected_subscribers_leave_nothing_behind(stack: Stack) -> No
         async with live(stack.base_url, stack.tokens["reader"]) as client:
             await client.subscribe(annotation_id, "a")
             await client.subscribe(annotation_id, "b")
-            await subscribers(stack.app, annotation_id, 2)
-        await subscribers(stack.app, annotation_id, 0)
+            await subscribers(stack, annotation_id, 2)
+        await subscribers(stack, annotation_id, 0)
     # An explicit complete ends the operation while the socket stays open.
     async with live(stack.base_url, stack.tokens["reader"]) as client:
         await client.subscribe(annotation_id)
-        await subscribers(stack.app, annotation_id)
+        await subscribers(stack, annotation_id)
         await client.send({"id": "1", "type": "complete"})
-        await subscribers(stack.app, annotation_id, 0)
+        await subscribers(stack, annotation_id, 0)
     for _ in range(WAIT_SECONDS * 100):
         if len(asyncio.all_tasks()) <= tasks_before:
             break
         await asyncio.sleep(0.01)
     assert len(asyncio.all_tasks()) <= tasks_before
-    assert stack.app.state.events.subscriber_count() == 0
-    if isinstance(stack.app.state.events, PostgresEventBus):
+    assert stack.services.events.subscriber_count() == 0
+    if isinstance(stack.services.events, PostgresEventBus):
         # Still one LISTEN connection per server, not one per subscriber.
         assert await _listener_pids(stack.settings.database_url) != []
 
 
 async def test_rolled_back_transaction_publishes_nothing(stack: Stack) -> None:
-    bus = stack.app.state.events
+    bus = stack.services.events
     annotation_id = int(await create_annotation(stack))
 
     def event(group_id: int) -> MaskGroupEvent:
@@ -372,8 +371,8 @@ async def test_events_cross_replicas(two_replicas: tuple[Stack, Stack]) -> None:
     ):
         await on_b.subscribe(annotation_id)
         await on_a.subscribe(annotation_id)
-        await subscribers(server_b.app, annotation_id)
-        await subscribers(server_a.app, annotation_id)
+        await subscribers(server_b, annotation_id)
+        await subscribers(server_a, annotation_id)
 
         group_id = await create_group(server_a, annotation_id, 2)
         await upload(server_a, group_id, [0, 1])
@@ -393,11 +392,11 @@ async def test_listener_reconnects_and_subscribers_resync(
     two_replicas: tuple[Stack, Stack],
 ) -> None:
     server_a, server_b = two_replicas
-    bus_b: PostgresEventBus = server_b.app.state.events
+    bus_b: PostgresEventBus = server_b.services.events
     annotation_id = await create_annotation(server_a)
     async with live(server_b.base_url, server_b.tokens["reader"]) as client:
         await client.subscribe(annotation_id)
-        await subscribers(server_b.app, annotation_id)
+        await subscribers(server_b, annotation_id)
         before = set(await _listener_pids(server_b.settings.database_url))
         admin = await asyncpg.connect(
             server_b.settings.database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
@@ -428,7 +427,7 @@ async def test_listener_reconnects_and_subscribers_resync(
         assert not after & before
 
         await client.subscribe(annotation_id, "2")
-        await subscribers(server_b.app, annotation_id)
+        await subscribers(server_b, annotation_id)
         group_id = await create_group(server_a, annotation_id, 1)
         assert (await client.event())["maskGroupId"] == group_id
 
@@ -445,7 +444,7 @@ async def test_a_job_in_another_process_publishes_validated(
     job_bus = create_event_bus(server.engine)
     async with live(server.base_url, server.tokens["reader"]) as client:
         await client.subscribe(annotation_id)
-        await subscribers(server.app, annotation_id)
+        await subscribers(server, annotation_id)
         async with transaction(server.sessionmaker) as session:
             group = await session.get(MaskGroup, int(group_id))
             assert group is not None

@@ -90,7 +90,7 @@ async def test_browser_gets_an_image_only_through_a_valid_signed_url(stack: Stac
 
 async def test_expired_or_foreign_signatures_are_refused(stack: Stack) -> None:
     group_id, _, _ = await _masks(stack)
-    signer: ViewUrlSigner = stack.app.state.view_urls
+    signer: ViewUrlSigner = stack.services.view_urls
     now = int(time.time())
     expired = signer.url(group_id, 1, None, now - 1)
     too_long = signer.url(group_id, 1, None, now + stack.settings.view_url_ttl + 120)

@@ -8,6 +8,7 @@ after the same structural limits as /graphql; queries and mutations use HTTP."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import uuid
@@ -29,14 +30,18 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
 from strawberry.subscriptions.protocols.graphql_transport_ws.types import SubscribeMessage
 
 from app import events, models
-from app.auth import ANONYMOUS_ADMIN, Principal, Role, authenticate, bearer_token, require
+from app.audit import Actor
+from app.auth import authenticate, bearer_token
 from app.config import Settings
 from app.errors import AppError, BadUserInput, Conflict, NotFound
 from app.graphql.context import Context, Info
 from app.graphql.limits import check_document
 from app.graphql.types import MaskGroupStatus
-from app.masks import parse_id
 from app.models import utcnow
+from app.oidc import OidcVerifier
+from app.principals import ANONYMOUS_ADMIN, Principal, Role, require
+from app.state import services_of
+from app.validation import parse_id
 
 logger = logging.getLogger("app.graphql")
 
@@ -121,13 +126,22 @@ class Subscription:
         except AppError:
             raise
         except Exception as error:
-            logger.exception("subscription failed (connection %s)", context.request_id)
-            raise InternalError(context.request_id) from error
+            request_id = context.actor.request_id or ""
+            logger.exception("subscription failed (connection %s)", request_id)
+            raise InternalError(request_id) from error
 
 
 @dataclass
 class LiveContext(Context):
+    """One per WebSocket connection; its actor is set when connection_init is accepted."""
+
+    websocket: WebSocket = field(kw_only=True)
+    oidc: OidcVerifier | None = field(kw_only=True)
     connection_params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def connection_id(self) -> str:
+        return self.actor.request_id or ""
 
 
 class _TransportWSHandler(BaseGraphQLTransportWSHandler[LiveContext, None]):
@@ -142,13 +156,13 @@ class _TransportWSHandler(BaseGraphQLTransportWSHandler[LiveContext, None]):
                 if "code" not in error.get("extensions", {}):
                     logger.error(
                         "unexpected error in a subscription result (connection %s): %s",
-                        self.context.request_id,
+                        self.context.connection_id,
                         error.get("message"),
                     )
                     error["message"] = "Internal server error"
                     error["extensions"] = {
                         "code": "INTERNAL_SERVER_ERROR",
-                        "requestId": self.context.request_id,
+                        "requestId": self.context.connection_id,
                     }
         await super().send_message(message)
 
@@ -209,20 +223,27 @@ class LiveGraphQL(GraphQL[LiveContext, None]):
 
     async def get_context(self, request: Any, response: Any) -> LiveContext:
         websocket: WebSocket = request
-        state = websocket.app.state
+        services = services_of(websocket)
+        client = websocket.client
         return LiveContext(
-            request=websocket,
-            settings=state.settings,
-            sessionmaker=state.sessionmaker,
-            storage=state.storage,
-            request_id=uuid.uuid4().hex,
-            principal=NOT_YET_AUTHENTICATED,
-            events=state.events,
-            view_urls=state.view_urls,
+            settings=services.settings,
+            sessionmaker=services.sessionmaker,
+            storage=services.storage,
+            actor=Actor(
+                principal=NOT_YET_AUTHENTICATED,
+                request_id=uuid.uuid4().hex,
+                client_ip=client.host if client else None,
+                user_agent=websocket.headers.get("user-agent"),
+            ),
+            events=services.events,
+            view_urls=services.view_urls,
+            websocket=websocket,
+            oidc=services.oidc,
         )
 
     async def on_ws_connect(self, context: LiveContext) -> None:
-        context.principal = await _authenticate(context)
+        principal = await _authenticate(context)
+        context.actor = dataclasses.replace(context.actor, principal=principal)
 
 
 async def _authenticate(context: LiveContext) -> Principal:
@@ -232,17 +253,13 @@ async def _authenticate(context: LiveContext) -> Principal:
     params = context.connection_params
     authorization = params.get("Authorization", params.get("authorization"))
     if not isinstance(authorization, str):
-        authorization = context.request.headers.get("authorization")
-    state = context.request.app.state
+        authorization = context.websocket.headers.get("authorization")
     try:
         return await authenticate(
-            context.sessionmaker,
-            bearer_token(authorization),
-            oidc=state.oidc,
-            now=utcnow(),
+            context.sessionmaker, bearer_token(authorization), oidc=context.oidc, now=utcnow()
         )
     except AppError as error:
         raise ConnectionRejectionError({"message": error.message}) from error
     except Exception as error:
-        logger.exception("WebSocket authentication failed (connection %s)", context.request_id)
+        logger.exception("WebSocket authentication failed (connection %s)", context.connection_id)
         raise ConnectionRejectionError() from error
