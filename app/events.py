@@ -45,6 +45,7 @@ LISTENER_APPLICATION_NAME = "pacs-masks-events"
 LISTENER_KEEPALIVE_SECONDS = 15.0
 LISTENER_RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
 _PENDING = "pacs_masks_pending_events"
+_HOOKED = "pacs_masks_event_hooks"
 ASYNCPG_CONNECT_OPTIONS = frozenset(
     ("host", "port", "user", "password", "passfile", "database", "ssl", "direct_tls", "timeout")
 )
@@ -248,12 +249,11 @@ class InProcessEventBus(EventBus):
 
     async def publish(self, session: AsyncSession, item: MaskGroupEvent) -> None:
         sync_session = session.sync_session
-        pending: list[MaskGroupEvent] | None = sync_session.info.get(_PENDING)
-        if pending is None:
-            pending = sync_session.info[_PENDING] = []
+        if not sync_session.info.get(_HOOKED):
+            sync_session.info[_HOOKED] = True
             event.listen(sync_session, "after_commit", self._after_commit)
             event.listen(sync_session, "after_rollback", _forget_pending)
-        pending.append(item)
+        sync_session.info.setdefault(_PENDING, []).append(item)
 
     def _after_commit(self, sync_session: Session) -> None:
         for item in sync_session.info.pop(_PENDING, ()):

@@ -300,6 +300,13 @@ async def test_rolled_back_transaction_publishes_nothing(stack: Stack) -> None:
             assert stream.queue.empty()
         received = [await asyncio.wait_for(anext(stream), WAIT_SECONDS) for _ in range(2)]
         assert [item.mask_group_id for item in received] == [2, 3]
+        # One session, several transactions: each event once, when its own one commits.
+        async with stack.sessionmaker() as session:
+            for group_id in (4, 5):
+                async with session.begin():
+                    await bus.publish(session, event(group_id))
+        received = [await asyncio.wait_for(anext(stream), WAIT_SECONDS) for _ in range(2)]
+        assert [item.mask_group_id for item in received] == [4, 5]
         await asyncio.sleep(0.05)
         assert stream.queue.empty()
 
