@@ -92,7 +92,7 @@ async def live(
         payload = {"Authorization": f"Bearer {token}"} if token and not header else {}
         await client.send({"type": "connection_init", "payload": payload})
         ack = await client.receive()
-        assert ack["type"] == "connection_ack", ack
+        assert ack == {"type": "connection_ack"}
         yield client
 
 

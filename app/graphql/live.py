@@ -28,6 +28,7 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
 )
 from strawberry.subscriptions.protocols.graphql_transport_ws.types import SubscribeMessage
+from strawberry.types.unset import UnsetType
 
 from app import events, models
 from app.audit import Actor
@@ -241,9 +242,11 @@ class LiveGraphQL(GraphQL[LiveContext, None]):
             oidc=services.oidc,
         )
 
-    async def on_ws_connect(self, context: LiveContext) -> None:
+    async def on_ws_connect(self, context: LiveContext) -> UnsetType:
         principal = await _authenticate(context)
         context.actor = dataclasses.replace(context.actor, principal=principal)
+        # No payload: the acknowledgement is `{"type": "connection_ack"}` alone.
+        return UnsetType()
 
 
 async def _authenticate(context: LiveContext) -> Principal:
