@@ -76,8 +76,7 @@ def _identity(value: Any) -> Any:
 
 
 def _row_converter(field_type: Any) -> Callable[[Any], Any]:
-    optional = isinstance(field_type, StrawberryOptional)
-    if optional:
+    if isinstance(field_type, StrawberryOptional):
         field_type = field_type.of_type
     if field_type is strawberry.ID:
         convert: Callable[[Any], Any] = lambda value: strawberry.ID(str(value))
