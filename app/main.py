@@ -20,14 +20,21 @@ from app.config import Settings
 from app.db import create_engine, create_sessionmaker
 from app.graphql.schema import create_schema
 from app.graphql.view import graphql_endpoint
+from app.jobs import Job, JobContext, JobRunner, owner_name
 from app.local_storage import ROUTE_METHODS, ROUTE_PATH, LocalStorage
 from app.oidc import OidcConfig, OidcVerifier
 from app.routes import healthz, local_object, readyz, view_mask
 from app.s3 import S3Storage
 from app.state import LifespanState, Services
 from app.storage import Storage
+from app.sweeper import sweep_job
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+# Background jobs every `serve` runs (see app.jobs): name, function, on/off and interval setting.
+JOBS = [
+    Job("storage-cleanup", sweep_job, "cleanup_enabled", "cleanup_interval_seconds"),
+]
 
 
 class RequestIdMiddleware:
@@ -88,17 +95,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
         engine = create_engine(settings.resolved_database_url)
         try:
             storage = await open_storage(settings)
+            sessionmaker = create_sessionmaker(engine)
+            runner = JobRunner(JobContext(settings, sessionmaker, storage, owner_name()), JOBS)
+            runner.start()
             try:
                 yield {
                     "services": Services(
                         settings=settings,
                         engine=engine,
-                        sessionmaker=create_sessionmaker(engine),
+                        sessionmaker=sessionmaker,
                         storage=storage,
                         oidc=oidc,
                     )
                 }
             finally:
+                await runner.stop()
                 await storage.aclose()
         finally:
             await engine.dispose()

@@ -143,6 +143,8 @@ LAYERS = [
             "app.tokens",
             "app.audit",
             "app.oidc",
+            "app.jobs",
+            "app.sweeper",
         },
     ),
     ("transport", {"app.main", "app.state", "app.routes", "app.auth", "app.cli"}),
