@@ -10,13 +10,19 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from conftest import Stack, open_stack, reset
 from flows import create_annotation, create_group, upload
-from operations import COMPLETE, TREE
+from operations import COMPLETE, DELETE_GROUP, TREE
+from sqlalchemy import select
 from storage_servers import _answers_http, _free_port, _unavailable, s3_settings
+
+from app.jobs import JobContext
+from app.models import StorageDeletion, utcnow
+from app.sweeper import sweep
 
 STORAGE_TIMEOUTS = {
     "storage_connect_timeout": 1.0,
@@ -116,3 +122,35 @@ async def test_frozen_storage_fails_fast_and_the_database_keeps_answering(
     os.kill(process.pid, signal.SIGCONT)
     done = await stack.data(COMPLETE, {"groupId": group_id, "slices": [{"sliceIndex": 0}]})
     assert done["completeMaskUpload"]["maskGroup"]["uploadedSliceCount"] == 1
+
+
+async def test_a_deletion_storage_refused_is_retried_with_backoff(
+    frozen_storage_stack: tuple[Stack, subprocess.Popen[bytes]],
+) -> None:
+    stack, process = frozen_storage_stack
+    annotation_id = await create_annotation(stack)
+    group_id = await create_group(stack, annotation_id, 3)
+    uploaded = await upload(stack, group_id, range(3))
+    keys = [mask["filePath"] for mask in uploaded["masks"]]
+
+    os.kill(process.pid, signal.SIGSTOP)
+    elapsed, deleted = await _timed(stack.data(DELETE_GROUP, {"id": group_id}))
+    assert elapsed < stack.settings.storage_call_deadline + 5
+    assert deleted["deleteMaskGroup"]["storageCleanupPending"] is True  # type: ignore[index]
+    os.kill(process.pid, signal.SIGCONT)
+    async with stack.sessionmaker() as session:
+        [record] = (await session.scalars(select(StorageDeletion))).all()
+    assert record.attempts == 1
+    assert record.last_error
+    assert record.not_before > utcnow()  # backing off
+    assert set(await stack.storage.stat_objects(keys)) == set(keys)
+
+    context = JobContext(stack.settings, stack.sessionmaker, stack.storage, "test")
+    assert (await sweep(context)).deletions_processed == 0
+    # Once the backoff and the URLs issued before the delete have passed:
+    report = await sweep(context, now=utcnow() + timedelta(hours=2))
+    assert (report.deletions_processed, report.deletions_finished) == (1, 1)
+    assert report.deleted_objects == 3
+    assert await stack.storage.stat_objects(keys) == {}
+    async with stack.sessionmaker() as session:
+        assert (await session.scalars(select(StorageDeletion))).all() == []
