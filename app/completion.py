@@ -74,7 +74,9 @@ async def complete_mask_upload(
 ) -> tuple[MaskGroup, list[Row[Any]]]:
     for _attempt in range(VERIFY_ATTEMPTS):
         async with sessionmaker() as session:
-            registered, uploads = await _read_batch(session, settings, actor, group_id, slices)
+            _, registered, uploads = await _read_batch(
+                session, settings, actor, group_id, slices, lock=False
+            )
         verification = await _verify(storage, slices, registered, uploads)
         async with transaction(sessionmaker) as session:
             done = await _register(session, settings, actor, group_id, slices, verification, now)
@@ -92,13 +94,15 @@ async def _read_batch(
     actor: Actor,
     group_id: int,
     slices: Sequence[CompletedSlice],
-) -> tuple[dict[SliceName, Row[Any]], dict[SliceName, Row[Any]]]:
-    group = await lock_batch(session, settings, actor, group_id, len(slices), lock=False)
+    *,
+    lock: bool,
+) -> tuple[MaskGroup, dict[SliceName, Row[Any]], dict[SliceName, Row[Any]]]:
+    group = await lock_batch(session, settings, actor, group_id, len(slices), lock=lock)
     _check_slices(group, slices)
     indexes = [item.slice_index for item in slices]
     registered = await rows_in_range(session, MASK, group_id, indexes)
     uploads = await rows_in_range(session, MASK_UPLOAD, group_id, indexes)
-    return registered, uploads
+    return group, registered, uploads
 
 
 async def _verify(
@@ -132,7 +136,11 @@ def _unchanged(
         name = slice_name(item.slice_index, item.label_name)
         mask = registered.get(name)
         if mask is not None:
-            if mask.file_path not in verification.listed:
+            # Registered since the read: a listing older than its upload must not say missing.
+            fresh = name not in verification.registered
+            if mask.file_path not in verification.listed or (
+                fresh and mask.file_path not in verification.stored
+            ):
                 return False
             continue
         before, after = verification.uploads.get(name), uploads.get(name)
@@ -164,11 +172,9 @@ async def _register(
     now: datetime,
 ) -> tuple[MaskGroup, list[Row[Any]]] | None:
     """Under the group lock: None if the batch changed since it was verified."""
-    group = await lock_batch(session, settings, actor, group_id, len(slices))
-    _check_slices(group, slices)
-    indexes = [item.slice_index for item in slices]
-    registered = await rows_in_range(session, MASK, group_id, indexes)
-    uploads = await rows_in_range(session, MASK_UPLOAD, group_id, indexes)
+    group, registered, uploads = await _read_batch(
+        session, settings, actor, group_id, slices, lock=True
+    )
     if not _unchanged(verification, slices, registered, uploads):
         return None
     fenced = await _fenced_keys(session, group_id, [row.file_path for row in uploads.values()])
