@@ -146,30 +146,61 @@ class JobRunner:
         return report
 
     async def _claim(self, job: Job, now: datetime, *, force: bool) -> bool:
-        async with transaction(self.context.sessionmaker) as session:
-            await session.execute(
-                _insert_ignoring_conflicts(session, {"name": job.name, "next_run_at": now})
-            )
-            run = await session.scalar(
-                select(JobRun).where(JobRun.name == job.name).with_for_update(skip_locked=True)
-            )
-            if run is None or (run.locked_until is not None and run.locked_until > now):
-                return False
-            if not force and run.next_run_at > now:
-                return False
-            run.locked_until = now + timedelta(seconds=job.lease_seconds)
-            run.locked_by = self.context.owner
-            run.next_run_at = now + timedelta(seconds=job.interval(self.context.settings) * 0.9)
-        return True
+        return await acquire_lease(
+            self.context.sessionmaker,
+            job.name,
+            self.context.owner,
+            now=now,
+            lease=timedelta(seconds=job.lease_seconds),
+            # A little early, so the jittered loop finds it due.
+            next_run_in=timedelta(seconds=job.interval(self.context.settings) * 0.9),
+            force=force,
+        )
 
     async def _release(self, job: Job, error: str | None) -> None:
-        try:
-            async with transaction(self.context.sessionmaker) as session:
-                await session.execute(
-                    update(JobRun)
-                    .where(JobRun.name == job.name, JobRun.locked_by == self.context.owner)
-                    .values(locked_until=None, last_finished_at=utcnow(), last_error=error)
-                )
-        except Exception:
-            # The lease runs out by itself; the next run proceeds then.
-            logger.exception("job %s: releasing its lease failed", job.name)
+        await release_lease(self.context.sessionmaker, job.name, self.context.owner, error)
+
+
+async def acquire_lease(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    name: str,
+    owner: str,
+    *,
+    now: datetime,
+    lease: timedelta,
+    next_run_in: timedelta = timedelta(0),
+    force: bool = False,
+) -> bool:
+    """Take the `job_run` row `name` for `lease` unless another holder's lease is live (or,
+    without `force`, it is not due yet); also usable for one part of a job that must not run
+    twice at once (the sweeper's debris pass)."""
+    async with transaction(sessionmaker) as session:
+        await session.execute(
+            _insert_ignoring_conflicts(session, {"name": name, "next_run_at": now})
+        )
+        run = await session.scalar(
+            select(JobRun).where(JobRun.name == name).with_for_update(skip_locked=True)
+        )
+        if run is None or (run.locked_until is not None and run.locked_until > now):
+            return False
+        if not force and run.next_run_at > now:
+            return False
+        run.locked_until = now + lease
+        run.locked_by = owner
+        run.next_run_at = now + next_run_in
+    return True
+
+
+async def release_lease(
+    sessionmaker: async_sessionmaker[AsyncSession], name: str, owner: str, error: str | None
+) -> None:
+    try:
+        async with transaction(sessionmaker) as session:
+            await session.execute(
+                update(JobRun)
+                .where(JobRun.name == name, JobRun.locked_by == owner)
+                .values(locked_until=None, last_finished_at=utcnow(), last_error=error)
+            )
+    except Exception:
+        # The lease runs out by itself; the next run proceeds then.
+        logger.exception("job %s: releasing its lease failed", name)

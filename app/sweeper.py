@@ -33,13 +33,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import transaction
 from app.deletion import GroupDeletion, Purge, purge, settle_purge
-from app.jobs import JobContext, claim_due
+from app.jobs import JobContext, acquire_lease, claim_due, release_lease
 from app.models import Mask, MaskGroup, MaskUpload, StorageDeletion, utcnow
 from app.storage import KEY_ROOT, ListedObject, StorageError
 
 logger = logging.getLogger(__name__)
 
 CLAIM_BATCH = 100
+DEBRIS_LEASE = "storage-cleanup:debris"
 _GROUP_OF_KEY = re.compile(rf"{KEY_ROOT}/(\d+)/(\d+)/")
 # Records of deleted groups name a prefix; the debris pass's fences name one key each.
 _IS_GROUP_PREFIX = StorageDeletion.prefix.like("%/")
@@ -57,6 +58,8 @@ class SweepReport:
     deleted_bytes: int = 0
     debris_objects: int = 0
     debris_bytes: int = 0
+    # Another sweeper was sweeping debris at the same time (the debris pass has a lease).
+    debris_skipped: bool = False
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -89,12 +92,33 @@ async def sweep(
         await _preview_deletions(context, report, now)
     else:
         await _sweep_deletions(context, report, now)
-    try:
-        await _sweep_debris(context, report, now)
-    except StorageError as error:
-        report.errors.append(f"listing storage: {error}")
+    await _sweep_debris_once(context, report, now)
     logger.info("storage sweep: %s", report.summary())
     return report
+
+
+async def _sweep_debris_once(context: JobContext, report: SweepReport, now: datetime) -> None:
+    """The debris pass under a lease of its own: two sweepers listing at once would each
+    take the other's just-removed keys for debris again."""
+    if not report.dry_run and not await acquire_lease(
+        context.sessionmaker,
+        DEBRIS_LEASE,
+        context.owner,
+        now=utcnow(),
+        lease=_lease(context),
+        force=True,
+    ):
+        report.debris_skipped = True
+        return
+    error: str | None = None
+    try:
+        await _sweep_debris(context, report, now)
+    except StorageError as exc:
+        error = f"listing storage: {exc}"
+        report.errors.append(error)
+    finally:
+        if not report.dry_run:
+            await release_lease(context.sessionmaker, DEBRIS_LEASE, context.owner, error)
 
 
 async def sweep_job(context: JobContext) -> SweepReport:
