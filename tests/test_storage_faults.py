@@ -111,7 +111,11 @@ async def test_frozen_storage_fails_fast_and_the_database_keeps_answering(
         assert tree["annotation"]["maskGroups"][0]["id"] == group_id  # type: ignore[index]
         elapsed, ready = await _timed(stack.client.get("/readyz"))
         assert elapsed < RESPONSIVE_SECONDS
-        assert ready.status_code == 200, ready.text  # type: ignore[attr-defined]
+        # Ready, or (once /readyz checks storage too) not ready because of storage: never
+        # because of the database.
+        text = ready.text  # type: ignore[attr-defined]
+        assert ready.status_code == 200 or "storage" in text, text  # type: ignore[attr-defined]
+        assert "database unreachable" not in text
     results = await asyncio.gather(*completions)
     took = time.monotonic() - started
     codes = {result["errors"][0]["extensions"]["code"] for result in results}
