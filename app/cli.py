@@ -3,6 +3,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -17,9 +18,11 @@ from app.config import Settings
 from app.db import create_engine, create_sessionmaker, transaction, upgrade_database
 from app.errors import NotFound
 from app.graphql.schema import schema
-from app.main import create_app, open_storage
+from app.jobs import JobContext, JobRunner, owner_name
+from app.main import JOBS, create_app, open_storage
 from app.models import ApiToken, utcnow
 from app.principals import Principal, Role
+from app.sweeper import SweepReport, sweep
 from app.tokens import count_tokens, create_token, list_tokens, revoke_token
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -117,6 +120,31 @@ def _setup_storage(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cleanup(settings: Settings, args: argparse.Namespace) -> int:
+    async def run() -> object | None:
+        storage = await open_storage(settings)
+        try:
+            async with _database(settings) as sessionmaker:
+                context = JobContext(settings, sessionmaker, storage, owner_name())
+                if args.dry_run:
+                    return await sweep(context, dry_run=True)
+                [job] = [job for job in JOBS if job.name == "storage-cleanup"]
+                return await JobRunner(context, JOBS).run_once(job, force=True)
+        finally:
+            await storage.aclose()
+
+    report = asyncio.run(run())
+    if not isinstance(report, SweepReport):
+        print(
+            "pacs-masks: another sweeper (a running server) is cleaning storage right now; "
+            "try again when it is done",
+            file=sys.stderr,
+        )
+        return 3
+    print(json.dumps(report.as_dict()) if args.json else f"pacs-masks: {report.summary()}")
+    return 1 if report.errors else 0
+
+
 def _create_token(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> tuple[ApiToken, str]:
         async with _database(settings) as sessionmaker, transaction(sessionmaker) as session:
@@ -202,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
         "setup-storage", help="create the bucket, CORS for CORS_ORIGINS and lifecycle rules"
     )
     setup.set_defaults(handler=_setup_storage)
+
+    cleanup = commands.add_parser(
+        "cleanup",
+        help="remove what deleted groups and abandoned uploads left in storage (the sweeper)",
+    )
+    cleanup.add_argument("--dry-run", action="store_true", help="report, remove nothing")
+    cleanup.add_argument("--json", action="store_true", help="print the report as JSON")
+    cleanup.set_defaults(handler=_cleanup)
 
     create = commands.add_parser("create-token", help="create an API token (printed last)")
     create.add_argument("--user", required=True, help="who the token acts as")

@@ -1,4 +1,10 @@
-"""Completing uploads: verify each object in storage by listing, then register the masks."""
+"""Completing uploads: verify each object in storage by listing, then register the masks.
+
+Storage is asked with no database session open (a frozen storage must not hold the group lock
+or a pooled connection): the declarations are read in a short read-only session, storage is
+listed, then one transaction locks the group, checks that nothing it relies on changed since
+the read, and writes. When something did change (a concurrent batch, a new declaration), the
+verification runs again, a few times at most."""
 
 from __future__ import annotations
 
@@ -8,16 +14,20 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Row, delete, func, insert, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.audit import Actor, record
 from app.config import Settings
-from app.errors import ChecksumMismatch, StorageUnavailable, UploadIncomplete
-from app.models import Mask, MaskGroup, MaskGroupStatus, MaskUpload
+from app.db import transaction
+from app.errors import ChecksumMismatch, Conflict, StorageUnavailable, UploadIncomplete
+from app.models import Mask, MaskGroup, MaskGroupStatus, MaskUpload, StorageDeletion
 from app.slices import MASK, SliceName, check_slice_identity, lock_batch, rows_in_range, slice_name
-from app.storage import Storage, StorageError
+from app.storage import Storage, StorageError, StoredObject
 from app.upload_urls import MASK_UPLOAD
 from app.validation import MAX_DIMENSION, Problems, is_uid
+
+# Verify-then-lock rounds before a batch that keeps changing underneath is refused.
+VERIFY_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +52,18 @@ def _check_slices(group: MaskGroup, slices: Sequence[CompletedSlice]) -> None:
     problems.raise_if_any()
 
 
-async def complete_upload(
-    session: AsyncSession,
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """The batch's rows as read before storage was asked, and what storage answered."""
+
+    registered: dict[SliceName, Row[Any]]
+    uploads: dict[SliceName, Row[Any]]
+    listed: frozenset[str]
+    stored: dict[str, StoredObject]
+
+
+async def complete_mask_upload(
+    sessionmaker: async_sessionmaker[AsyncSession],
     storage: Storage,
     settings: Settings,
     actor: Actor,
@@ -52,13 +72,45 @@ async def complete_upload(
     slices: Sequence[CompletedSlice],
     now: datetime,
 ) -> tuple[MaskGroup, list[Row[Any]]]:
-    group = await lock_batch(session, settings, actor, group_id, len(slices))
-    _check_slices(group, slices)
+    for _attempt in range(VERIFY_ATTEMPTS):
+        async with sessionmaker() as session:
+            _, registered, uploads = await _read_batch(
+                session, settings, actor, group_id, slices, lock=False
+            )
+        verification = await _verify(storage, slices, registered, uploads)
+        async with transaction(sessionmaker) as session:
+            done = await _register(session, settings, actor, group_id, slices, verification, now)
+        if done is not None:
+            return done
+    raise Conflict(
+        "the slices kept changing while they were being verified (concurrent uploads); retry",
+        field="slices",
+    )
 
+
+async def _read_batch(
+    session: AsyncSession,
+    settings: Settings,
+    actor: Actor,
+    group_id: int,
+    slices: Sequence[CompletedSlice],
+    *,
+    lock: bool,
+) -> tuple[MaskGroup, dict[SliceName, Row[Any]], dict[SliceName, Row[Any]]]:
+    group = await lock_batch(session, settings, actor, group_id, len(slices), lock=lock)
+    _check_slices(group, slices)
     indexes = [item.slice_index for item in slices]
     registered = await rows_in_range(session, MASK, group_id, indexes)
     uploads = await rows_in_range(session, MASK_UPLOAD, group_id, indexes)
+    return group, registered, uploads
 
+
+async def _verify(
+    storage: Storage,
+    slices: Sequence[CompletedSlice],
+    registered: dict[SliceName, Row[Any]],
+    uploads: dict[SliceName, Row[Any]],
+) -> Verification:
     keys: list[str] = []
     for item in slices:
         name = slice_name(item.slice_index, item.label_name)
@@ -69,6 +121,64 @@ async def complete_upload(
         stored = await storage.stat_objects(keys) if keys else {}
     except StorageError as error:
         raise StorageUnavailable(f"storage could not be listed: {error}") from error
+    return Verification(registered, uploads, frozenset(keys), stored)
+
+
+def _unchanged(
+    verification: Verification,
+    slices: Sequence[CompletedSlice],
+    registered: dict[SliceName, Row[Any]],
+    uploads: dict[SliceName, Row[Any]],
+) -> bool:
+    """Whether the storage answer still speaks for every slice: each is either registered
+    with an object that was listed, or has the very declaration that was read."""
+    for item in slices:
+        name = slice_name(item.slice_index, item.label_name)
+        mask = registered.get(name)
+        if mask is not None:
+            # Registered since the read: a listing older than its upload must not say missing.
+            fresh = name not in verification.registered
+            if mask.file_path not in verification.listed or (
+                fresh and mask.file_path not in verification.stored
+            ):
+                return False
+            continue
+        before, after = verification.uploads.get(name), uploads.get(name)
+        if (before.id if before else None) != (after.id if after else None):
+            return False
+    return True
+
+
+async def _fenced_keys(session: AsyncSession, group_id: int, keys: Sequence[str]) -> set[str]:
+    """Keys the sweeper is removing as upload debris right now (see app.sweeper)."""
+    if not keys:
+        return set()
+    rows = await session.scalars(
+        select(StorageDeletion.prefix).where(
+            StorageDeletion.mask_group_id == group_id,
+            StorageDeletion.prefix.between(min(keys), max(keys)),
+        )
+    )
+    return set(rows) & set(keys)
+
+
+async def _register(
+    session: AsyncSession,
+    settings: Settings,
+    actor: Actor,
+    group_id: int,
+    slices: Sequence[CompletedSlice],
+    verification: Verification,
+    now: datetime,
+) -> tuple[MaskGroup, list[Row[Any]]] | None:
+    """Under the group lock: None if the batch changed since it was verified."""
+    group, registered, uploads = await _read_batch(
+        session, settings, actor, group_id, slices, lock=True
+    )
+    if not _unchanged(verification, slices, registered, uploads):
+        return None
+    fenced = await _fenced_keys(session, group_id, [row.file_path for row in uploads.values()])
+    stored = {key: found for key, found in verification.stored.items() if key not in fenced}
 
     missing: list[int] = []
     mismatched: list[int] = []

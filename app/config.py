@@ -35,6 +35,15 @@ class Settings(BaseSettings):
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
     aws_session_token: str | None = None
+    storage_connect_timeout: float = Field(5.0, gt=0)
+    storage_read_timeout: float = Field(30.0, gt=0)
+    storage_max_attempts: int = Field(3, ge=1, le=10)
+
+    cleanup_enabled: bool = True
+    cleanup_interval_seconds: float = Field(300.0, gt=0)
+    # Unregistered objects younger than this are uploads in progress, not debris.
+    # None: 2 x SIGNED_URL_MAX_TTL.
+    cleanup_grace_seconds: int | None = Field(None, ge=1)
 
     signed_url_default_ttl: int = Field(600, ge=1)
     signed_url_max_ttl: int = Field(3600, ge=1)
@@ -88,6 +97,12 @@ class Settings(BaseSettings):
     def _ttls_in_order(self) -> Settings:
         if self.signed_url_default_ttl > self.signed_url_max_ttl:
             raise ValueError("SIGNED_URL_DEFAULT_TTL must not exceed SIGNED_URL_MAX_TTL")
+        if (
+            self.cleanup_grace_seconds is not None
+            and self.cleanup_grace < 2 * self.signed_url_max_ttl
+        ):
+            # An object younger than that may still be completed through its URL.
+            raise ValueError("CLEANUP_GRACE_SECONDS must be at least 2 x SIGNED_URL_MAX_TTL")
         return self
 
     @property
@@ -117,6 +132,17 @@ class Settings(BaseSettings):
             return self.public_base_url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def cleanup_grace(self) -> int:
+        return self.cleanup_grace_seconds or 2 * self.signed_url_max_ttl
+
+    @property
+    def storage_call_deadline(self) -> float:
+        """The longest one storage call may take, every attempt included."""
+        per_attempt = self.storage_connect_timeout + self.storage_read_timeout
+        # botocore's standard retry mode sleeps at most 20 s between attempts; we add 1 s each.
+        return self.storage_max_attempts * per_attempt + (self.storage_max_attempts - 1)
 
     @property
     def is_path_style(self) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -21,6 +21,8 @@ from app.storage import Storage, StorageError, group_prefix
 
 logger = logging.getLogger(__name__)
 
+RETRY_DELAY_MAX_SECONDS = 6 * 3600
+
 
 @dataclass(frozen=True, slots=True)
 class GroupDeletion:
@@ -29,12 +31,14 @@ class GroupDeletion:
     deleted_mask_count: int
     storage_deletion_id: int
     upload_expires_at: datetime | None
+    attempts: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Purge:
     removed: int
     error: str | None
+    removed_bytes: int = 0
 
     @property
     def failed(self) -> bool:
@@ -60,6 +64,7 @@ async def delete_mask_group(
             not_before=now,
             attempts=0,
             created_at=now,
+            urls_expire_at=group.upload_expires_at,
         )
         .returning(StorageDeletion.id)
     )
@@ -86,30 +91,48 @@ async def delete_mask_group(
 async def purge(storage: Storage, deletion: GroupDeletion) -> Purge:
     """Remove the objects under the deletion's prefix; a storage failure is reported, not
     raised: the record stays for a later sweep."""
+    removed = removed_bytes = 0
     try:
-        return Purge(removed=await storage.delete_prefix(deletion.prefix), error=None)
+        # Listed page by page so the sweeper's report can say how many bytes went.
+        async for page in storage.list_objects(deletion.prefix):
+            removed += await storage.delete_objects([item.key for item in page])
+            removed_bytes += sum(item.size for item in page)
     except StorageError as error:
         logger.warning("storage cleanup of %s failed, kept for retry: %s", deletion.prefix, error)
-        return Purge(removed=0, error=str(error))
+        return Purge(removed=removed, error=str(error), removed_bytes=removed_bytes)
+    return Purge(removed=removed, error=None, removed_bytes=removed_bytes)
+
+
+def retry_delay(attempts: int) -> timedelta:
+    """Exponential backoff after `attempts` failed purges: 1 min, 2, 4, ... at most 6 hours."""
+    return timedelta(seconds=min(60 * 2 ** min(attempts - 1, 20), RETRY_DELAY_MAX_SECONDS))
 
 
 async def settle_purge(
     session: AsyncSession, deletion: GroupDeletion, outcome: Purge, *, now: datetime
-) -> None:
+) -> bool:
     """Drop the deletion record once storage is clean and no issued PUT URL can still write
-    under the prefix; otherwise keep it, due again when that URL expires."""
+    under the prefix; otherwise keep it, due again after a backoff or when that URL expires.
+    Returns whether anything is still to be swept."""
     row = StorageDeletion.id == deletion.storage_deletion_id
     if outcome.error is not None:
+        attempts = deletion.attempts + 1
         await session.execute(
             update(StorageDeletion)
             .where(row)
-            .values(attempts=StorageDeletion.attempts + 1, last_error=outcome.error[:1000])
+            .values(
+                attempts=attempts,
+                last_error=outcome.error[:1000],
+                not_before=now + retry_delay(attempts),
+            )
         )
-    elif deletion.upload_expires_at is not None and deletion.upload_expires_at > now:
+        return True
+    if deletion.upload_expires_at is not None and deletion.upload_expires_at > now:
         await session.execute(
             update(StorageDeletion)
             .where(row)
-            .values(not_before=deletion.upload_expires_at, attempts=StorageDeletion.attempts + 1)
+            .values(not_before=deletion.upload_expires_at, last_error=None)
         )
-    else:
-        await session.execute(delete(StorageDeletion).where(row))
+        return True
+    await session.execute(delete(StorageDeletion).where(row))
+    return False

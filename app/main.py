@@ -22,15 +22,22 @@ from app.events import create_event_bus
 from app.graphql.live import LiveGraphQL
 from app.graphql.schema import create_schema
 from app.graphql.view import graphql_endpoint
+from app.jobs import Job, JobContext, JobRunner, owner_name
 from app.local_storage import ROUTE_METHODS, ROUTE_PATH, LocalStorage
 from app.oidc import OidcConfig, OidcVerifier
 from app.routes import healthz, local_object, readyz, view_mask
 from app.s3 import S3Storage
 from app.state import LifespanState, Services
 from app.storage import Storage
+from app.sweeper import sweep_job
 from app.view_urls import ViewUrlSigner
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+# Background jobs every `serve` runs (see app.jobs): name, function, on/off and interval setting.
+JOBS = [
+    Job("storage-cleanup", sweep_job, "cleanup_enabled", "cleanup_interval_seconds"),
+]
 
 
 class RequestIdMiddleware:
@@ -94,12 +101,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             storage = await open_storage(settings)
             await events.start()
+            sessionmaker = create_sessionmaker(engine)
+            runner = JobRunner(JobContext(settings, sessionmaker, storage, owner_name()), JOBS)
+            runner.start()
             try:
                 yield {
                     "services": Services(
                         settings=settings,
                         engine=engine,
-                        sessionmaker=create_sessionmaker(engine),
+                        sessionmaker=sessionmaker,
                         storage=storage,
                         oidc=oidc,
                         events=events,
@@ -107,6 +117,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     )
                 }
             finally:
+                await runner.stop()
                 await events.aclose()
                 await storage.aclose()
         finally:

@@ -179,11 +179,29 @@ class StorageDeletion(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     prefix: Mapped[str] = mapped_column(Text)
-    mask_group_id: Mapped[int | None] = mapped_column(Integer)
+    # Indexed: completion looks for records naming its keys (the sweeper's debris fence).
+    mask_group_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    # When the next attempt is due (backoff after a failure, or the final sweep).
     not_before: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The last moment an upload URL issued before the delete can write under the prefix: the
+    # record goes only after a sweep at or after it.
+    urls_expire_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class JobRun(Base):
+    """One row per background job: which replica runs it now and when it is due again."""
+
+    __tablename__ = "job_run"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    next_run_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    locked_by: Mapped[str | None] = mapped_column(Text)
+    last_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
 
 
 class ApiToken(Base):

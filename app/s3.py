@@ -18,12 +18,19 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from app.config import Settings
 from app.sigv4 import Credentials, Presigner, checked_presigner
-from app.storage import ObjectStream, SignedRequest, StorageError, StoredObject, signed_put
+from app.storage import (
+    LIST_PAGE_SIZE,
+    ListedObject,
+    ObjectStream,
+    SignedRequest,
+    StorageError,
+    StoredObject,
+    signed_put,
+)
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 64 * 1024
-LIST_PAGE_SIZE = 1000
 # S3 refuses DeleteObjects with more keys than this (moto does not, so it would not tell us).
 DELETE_BATCH_SIZE = 1000
 LIFECYCLE_RULE_ID = "abort-incomplete-multipart"
@@ -115,6 +122,12 @@ def _just_before(key: str) -> str:
     return key[:-1]
 
 
+def _timestamp(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
+
+
 def _common_prefix(first: str, last: str) -> str:
     size = 0
     for a, b in zip(first, last, strict=False):
@@ -128,10 +141,10 @@ def _client_config(settings: Settings) -> AioConfig:
     return AioConfig(
         signature_version="s3v4",
         s3={"addressing_style": "path" if settings.is_path_style else "virtual"},
-        connect_timeout=5,
-        read_timeout=30,
+        connect_timeout=settings.storage_connect_timeout,
+        read_timeout=settings.storage_read_timeout,
         # total_max_attempts counts the first try; botocore's max_attempts would not.
-        retries={"mode": "standard", "total_max_attempts": 3},
+        retries={"mode": "standard", "total_max_attempts": settings.storage_max_attempts},
         # Loading the S3 model takes tens of ms; a worker thread keeps the loop responsive.
         warm_up_loader_caches=True,
     )
@@ -160,6 +173,7 @@ class S3Storage:
         region: str,
         presigner: Presigner,
         exit_stack: AsyncExitStack,
+        deadline: float = 120.0,
     ) -> None:
         self._client: Any = client
         self._bucket = bucket
@@ -167,6 +181,9 @@ class S3Storage:
         self._presigner = presigner
         self._exit_stack = exit_stack
         self._refresh_task: asyncio.Task[None] | None = None
+        # A hard bound per call, waiting for a pooled connection included: botocore's timeouts
+        # cover each socket operation only.
+        self._deadline = deadline
 
     @classmethod
     async def from_settings(cls, settings: Settings) -> S3Storage:
@@ -209,7 +226,14 @@ class S3Storage:
         except BaseException:
             await exit_stack.aclose()
             raise
-        storage = cls(client, settings.s3_bucket_name, settings.s3_region, presigner, exit_stack)
+        storage = cls(
+            client,
+            settings.s3_bucket_name,
+            settings.s3_region,
+            presigner,
+            exit_stack,
+            settings.storage_call_deadline,
+        )
         if chain is not None and getattr(chain, "refresh_needed", None) is not None:
             storage._refresh_task = asyncio.create_task(storage._keep_credentials_fresh(chain))
         return storage
@@ -273,7 +297,8 @@ class S3Storage:
     async def _call(self, operation: str, **params: Any) -> dict[str, Any]:
         method = getattr(self._client, operation)
         try:
-            response: dict[str, Any] = await method(**params)
+            async with asyncio.timeout(self._deadline):
+                response: dict[str, Any] = await method(**params)
         except ClientError as exc:
             error = exc.response.get("Error") or {}
             metadata = exc.response.get("ResponseMetadata") or {}
@@ -314,38 +339,56 @@ class S3Storage:
             start_after = str(contents[-1]["Key"])
 
     async def delete_prefix(self, prefix: str) -> int:
-        if not prefix:
-            raise ValueError("refusing to delete the whole bucket")
         deleted = 0
+        # Listing resumes after the last key of the page (StartAfter), so deleting it is safe.
+        async for page in self.list_objects(prefix):
+            deleted += await self.delete_objects([item.key for item in page])
+        return deleted
+
+    async def list_objects(self, prefix: str) -> AsyncIterator[list[ListedObject]]:
+        if not prefix:
+            raise ValueError("refusing to list or delete the whole bucket")
         start_after = ""
         while True:
             params: dict[str, Any] = {
                 "Bucket": self._bucket,
                 "Prefix": prefix,
-                "MaxKeys": DELETE_BATCH_SIZE,
+                "MaxKeys": LIST_PAGE_SIZE,
             }
             if start_after:
                 params["StartAfter"] = start_after
             page = await self._call("list_objects_v2", **params)
-            keys = [str(item["Key"]) for item in page.get("Contents") or []]
-            for offset in range(0, len(keys), DELETE_BATCH_SIZE):
-                batch = keys[offset : offset + DELETE_BATCH_SIZE]
-                response = await self._call(
-                    "delete_objects",
-                    Bucket=self._bucket,
-                    Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
-                )
-                errors: list[dict[str, Any]] = response.get("Errors") or []
-                if errors:
-                    codes = sorted({str(error.get("Code")) for error in errors})
-                    raise StorageError(
-                        f"S3 DeleteObjects refused {len(errors)} of {len(batch)} keys: "
-                        + ", ".join(codes)
+            contents: list[dict[str, Any]] = page.get("Contents") or []
+            if contents:
+                # The parser leaves timestamps as text (see from_settings).
+                yield [
+                    ListedObject(
+                        key=str(item["Key"]),
+                        size=int(item["Size"]),
+                        modified=_timestamp(item["LastModified"]),
                     )
-                deleted += len(batch)
-            if not page.get("IsTruncated") or not keys:
-                return deleted
-            start_after = keys[-1]
+                    for item in contents
+                ]
+            if not page.get("IsTruncated") or not contents:
+                return
+            start_after = str(contents[-1]["Key"])
+
+    async def delete_objects(self, keys: Sequence[str]) -> int:
+        for offset in range(0, len(keys), DELETE_BATCH_SIZE):
+            batch = keys[offset : offset + DELETE_BATCH_SIZE]
+            response = await self._call(
+                "delete_objects",
+                Bucket=self._bucket,
+                Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
+            )
+            errors: list[dict[str, Any]] = response.get("Errors") or []
+            if errors:
+                codes = sorted({str(error.get("Code")) for error in errors})
+                raise StorageError(
+                    f"S3 DeleteObjects refused {len(errors)} of {len(batch)} keys: "
+                    + ", ".join(codes)
+                )
+        return len(keys)
 
     async def open(self, key: str) -> ObjectStream | None:
         try:

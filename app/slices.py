@@ -27,12 +27,11 @@ def slice_name(slice_index: int, label_name: str | None) -> SliceName:
 
 
 async def lock_own_group(
-    session: AsyncSession, actor: Actor, group_id: int, field: str = "groupId"
+    session: AsyncSession, actor: Actor, group_id: int, field: str = "groupId", lock: bool = True
 ) -> MaskGroup:
     # FOR UPDATE serialises batches of one group on PostgreSQL (SQLite: BEGIN IMMEDIATE).
-    group = await session.scalar(
-        select(MaskGroup).where(MaskGroup.id == group_id).with_for_update()
-    )
+    statement = select(MaskGroup).where(MaskGroup.id == group_id)
+    group = await session.scalar(statement.with_for_update() if lock else statement)
     if group is None:
         raise NotFound(f"mask group {group_id} does not exist", field=field)
     require_owner(actor.principal, group.created_by, f"mask group {group_id}")
@@ -40,12 +39,18 @@ async def lock_own_group(
 
 
 async def lock_batch(
-    session: AsyncSession, settings: Settings, actor: Actor, group_id: int, count: int
+    session: AsyncSession,
+    settings: Settings,
+    actor: Actor,
+    group_id: int,
+    count: int,
+    lock: bool = True,
 ) -> MaskGroup:
-    """The checks every batch of slices on a group starts with, in the order clients see."""
+    """The checks every batch of slices on a group starts with, in the order clients see;
+    `lock=False` for a read before storage is asked (completion), which locks later."""
     require(actor.principal, Role.UPLOADER)
     check_batch_size(settings, count)
-    return await lock_own_group(session, actor, group_id)
+    return await lock_own_group(session, actor, group_id, lock=lock)
 
 
 def check_batch_size(settings: Settings, count: int) -> None:

@@ -17,6 +17,7 @@ from typing import Protocol
 from app.config import CONTENT_TYPE_EXTENSIONS
 
 KEY_ROOT = "mask"
+LIST_PAGE_SIZE = 1000
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -80,6 +81,13 @@ class StoredObject:
 
 
 @dataclass(frozen=True, slots=True)
+class ListedObject:
+    key: str
+    size: int
+    modified: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class ObjectStream:
     size: int
     etag: str
@@ -110,6 +118,14 @@ class Storage(Protocol):
 
     async def delete_prefix(self, prefix: str) -> int:
         """Remove every object under `prefix`; returns how many were removed."""
+        ...
+
+    def list_objects(self, prefix: str) -> AsyncIterator[list[ListedObject]]:
+        """Every object under `prefix` in key order, one page (one call) per 1000 keys."""
+        ...
+
+    async def delete_objects(self, keys: Sequence[str]) -> int:
+        """Remove these objects (one call per 1000 keys); returns how many were asked for."""
         ...
 
     async def open(self, key: str) -> ObjectStream | None:

@@ -212,6 +212,8 @@ def base_settings(**overrides: Any) -> Settings:
         "_env_file": None,
         "cors_origins": [],
         "allowed_content_types": ["image/png"],
+        # Tests run the sweeper themselves, at the moments they choose.
+        "cleanup_enabled": False,
     }
     values.update(overrides)
     return Settings(**values)

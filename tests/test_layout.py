@@ -123,6 +123,8 @@ LAYERS = [
             "app.oidc",
             "app.events",
             "app.view_urls",
+            "app.jobs",
+            "app.sweeper",
         },
     ),
     ("transport", {"app.main", "app.state", "app.routes", "app.auth", "app.cli"}),

@@ -9,7 +9,7 @@ from strawberry.types import ExecutionContext
 
 from app.annotations import create_annotation, create_mask_group, list_annotations
 from app.audit import AuditFilter, list_audit_events
-from app.completion import CompletedSlice, complete_upload
+from app.completion import CompletedSlice, complete_mask_upload
 from app.db import transaction
 from app.deletion import delete_mask_group, purge, settle_purge
 from app.events import EventKind, MaskGroupEvent, group_state
@@ -154,16 +154,17 @@ class Mutation:
     ) -> CompleteMaskUploadPayload:
         context = info.context
         batch = to_domain_list(CompletedSlice, slices)
+        # Storage is listed between short sessions, never inside a transaction.
+        group, registered = await complete_mask_upload(
+            context.sessionmaker,
+            context.storage,
+            context.settings,
+            context.actor,
+            group_id=parse_id("groupId", group_id),
+            slices=batch,
+            now=utcnow(),
+        )
         async with transaction(context.sessionmaker) as session:
-            group, registered = await complete_upload(
-                session,
-                context.storage,
-                context.settings,
-                context.actor,
-                group_id=parse_id("groupId", group_id),
-                slices=batch,
-                now=utcnow(),
-            )
             event = MaskGroupEvent.of(EventKind.SLICES_COMPLETED, group)
             await context.events.publish(session, event)
         return CompleteMaskUploadPayload(
@@ -185,12 +186,12 @@ class Mutation:
                 await context.events.publish(session, MaskGroupEvent.of(EventKind.DELETED, deleted))
         outcome = await purge(context.storage, deletion)
         async with transaction(context.sessionmaker) as session:
-            await settle_purge(session, deletion, outcome, now=utcnow())
+            pending = await settle_purge(session, deletion, outcome, now=utcnow())
         return DeleteMaskGroupPayload(
             id=strawberry.ID(str(deletion.mask_group_id)),
             deleted_mask_count=deletion.deleted_mask_count,
             deleted_object_count=outcome.removed,
-            storage_cleanup_pending=outcome.failed,
+            storage_cleanup_pending=pending,
         )
 
 

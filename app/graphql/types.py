@@ -315,8 +315,9 @@ class DeleteMaskGroupPayload:
     deleted_mask_count: int
     deleted_object_count: int
     storage_cleanup_pending: bool = strawberry.field(
-        description="true when storage could not be cleaned now; the objects are recorded "
-        "and removed by the cleanup job"
+        description="true while anything is still to be swept from storage: it could not be "
+        "cleaned now, or an upload URL issued before the delete is still valid; the storage "
+        "sweeper finishes it"
     )
 
 
