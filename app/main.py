@@ -15,6 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import DisableIntrospection
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker
@@ -24,6 +25,7 @@ from app.local_storage import ROUTE_METHODS, ROUTE_PATH, LocalStorage
 from app.oidc import OidcConfig, OidcVerifier
 from app.routes import healthz, local_object, readyz, view_mask
 from app.s3 import S3Storage
+from app.slow_clients import BodyDeadlineMiddleware
 from app.state import LifespanState, Services
 from app.storage import Storage
 
@@ -103,7 +105,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
         finally:
             await engine.dispose()
 
-    middleware = [Middleware(RequestIdMiddleware)]
+    middleware = [
+        Middleware(RequestIdMiddleware),
+        Middleware(BodyDeadlineMiddleware, timeout=settings.request_body_timeout),
+    ]
+    if settings.forwarded_allow_ips:
+        # uvicorn's own rule, applied here whatever server runs the app: the peer's address
+        # (and so the audit clientIp) is replaced only for these proxies.
+        middleware.insert(
+            0, Middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)
+        )
     if settings.cors_origins:
         middleware.append(
             Middleware(

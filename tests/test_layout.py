@@ -143,9 +143,22 @@ LAYERS = [
             "app.tokens",
             "app.audit",
             "app.oidc",
+            "app.readiness",
+            "app.log_redaction",
         },
     ),
-    ("transport", {"app.main", "app.state", "app.routes", "app.auth", "app.cli"}),
+    (
+        "transport",
+        {
+            "app.main",
+            "app.state",
+            "app.routes",
+            "app.auth",
+            "app.cli",
+            "app.cli_failures",
+            "app.slow_clients",
+        },
+    ),
 ]
 
 
