@@ -28,11 +28,10 @@ from app.db import create_sessionmaker, transaction, upgrade_database
 from app.errors import NotFound
 from app.graphql.schema import schema
 from app.log_redaction import RedactSecrets, uvicorn_log_config
-from app.main import create_app, open_storage
+from app.main import create_app, open_storage, uvicorn_options
 from app.models import ApiToken, utcnow
 from app.principals import Principal, Role
 from app.readiness import check_database
-from app.slow_clients import header_deadline_protocol
 from app.tokens import count_tokens, create_token, list_tokens, revoke_token
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -103,9 +102,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         log_config=uvicorn_log_config(),
-        # create_app applies forwarded headers itself, from FORWARDED_ALLOW_IPS only.
-        proxy_headers=False,
-        http=header_deadline_protocol(settings.request_header_timeout),
+        **uvicorn_options(settings),
     )
     return 0
 

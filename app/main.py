@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -25,7 +26,7 @@ from app.local_storage import ROUTE_METHODS, ROUTE_PATH, LocalStorage
 from app.oidc import OidcConfig, OidcVerifier
 from app.routes import healthz, local_object, readyz, view_mask
 from app.s3 import S3Storage
-from app.slow_clients import BodyDeadlineMiddleware
+from app.slow_clients import BodyDeadlineMiddleware, header_deadline_protocol
 from app.state import LifespanState, Services
 from app.storage import Storage
 
@@ -68,6 +69,16 @@ async def open_storage(settings: Settings) -> Storage:
     if settings.storage_provider == "local":
         return LocalStorage.from_settings(settings)
     return await S3Storage.from_settings(settings)
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """How uvicorn must run the app, for `serve` and the tests alike: forwarded headers are
+    applied by create_app from FORWARDED_ALLOW_IPS only (uvicorn's own default would believe
+    any local peer), and request headers have a deadline."""
+    return {
+        "proxy_headers": False,
+        "http": header_deadline_protocol(settings.request_header_timeout),
+    }
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
