@@ -252,7 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("alembic").setLevel(logging.WARNING)
     handler = args.handler
     try:
-        result: int = handler(Settings(), args)
+        settings = Settings()
+        logging.getLogger().setLevel(settings.log_level.upper())
+        result: int = handler(settings, args)
     except (Exception, KeyboardInterrupt) as error:
         code, message = explain(error)
         # The details stay available to whoever asks for them, never by default.

@@ -104,7 +104,10 @@ def explain(error: BaseException) -> tuple[ExitCode, str]:
         )
     return (
         ExitCode.FAILED,
-        f"unexpected error ({type(error).__name__}: {reason(error)}); run again with LOG_LEVEL=debug for details",
+        (
+            f"unexpected error ({type(error).__name__}: {reason(error)}); "
+            "run again with LOG_LEVEL=debug for details"
+        ),
     )
 
 
@@ -164,7 +167,14 @@ async def check_before_serving(settings: Settings) -> None:
     except (ValueError, TypeError) as error:
         raise CommandFailed(ExitCode.CONFIGURATION, f"invalid setting: {error}") from error
     await database_answers(settings, need_head=True)
-    storage = await open_storage(settings)
+    try:
+        storage = await open_storage(settings)
+    except OSError as error:  # the local backend's folder or secret file
+        raise CommandFailed(
+            ExitCode.CONFIGURATION,
+            f"cannot use local storage ({error.strerror}: {error.filename}); "
+            "set LOCAL_STORAGE_DIR (or VAR_DIR) to a writable folder",
+        ) from error
     try:
         await check_storage(storage, settings.readiness_timeout)
     finally:

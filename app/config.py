@@ -86,6 +86,14 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        levels = ("critical", "error", "warning", "info", "debug")
+        if value.lower() not in levels:
+            raise ValueError(f"must be one of {', '.join(levels)}")
+        return value.lower()
+
     @field_validator("allowed_content_types")
     @classmethod
     def _known_content_types(cls, value: list[str]) -> list[str]:

@@ -130,6 +130,13 @@ S3_CLOSED = {
             ["OIDC_AUDIENCE"],
         ),
         (["serve"], {"VAR_DIR": "/proc/none"}, ExitCode.CONFIGURATION, ["VAR_DIR"]),
+        (["list-tokens"], {"LOG_LEVEL": "loud"}, ExitCode.CONFIGURATION, ["LOG_LEVEL"]),
+        (
+            ["serve"],
+            {"LOCAL_STORAGE_DIR": "/proc/none"},
+            ExitCode.CONFIGURATION,
+            ["LOCAL_STORAGE_DIR"],
+        ),
         (
             ["setup-storage"],
             {**S3_CLOSED, "S3_ENDPOINT_URL": "http://127.0.0.1:{closed}"},

@@ -200,3 +200,14 @@ def test_signed_parameters_are_redacted_anywhere() -> None:
     assert "AKIA" not in redacted
     assert "X-Amz-Expires=600" in redacted
     assert redact("token pmk_abcDEF-123_x here") == "token pmk_[redacted] here"
+
+
+def test_oversized_headers_are_refused(served: Served) -> None:
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        try:
+            sock.sendall(head)
+        except OSError:  # closed while we were still sending: refused as well
+            return
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
