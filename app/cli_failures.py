@@ -99,7 +99,7 @@ def explain(error: BaseException) -> tuple[ExitCode, str]:
             ExitCode.STORAGE,
             (
                 f"storage unavailable: {error}; check STORAGE_PROVIDER, S3_ENDPOINT_URL, "
-                "S3_BUCKET_NAME and the credentials"
+                "S3_BUCKET_NAME (`pacs-masks setup-storage` creates it) and the credentials"
             ),
         )
     return (
