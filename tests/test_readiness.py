@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import auth_header, base_settings, make_tokens, serve
+from conftest import Stack, auth_header, base_settings, make_tokens, serve
 from operations import CREATE_ANNOTATION
 from sqlalchemy import select
 
@@ -39,6 +39,12 @@ async def test_ready_when_everything_answers(own_sqlite_url: str, tmp_path: Path
     settings = base_settings(database_url=own_sqlite_url, var_dir=tmp_path)
     status, body, _ = await _readyz(settings)
     assert (status, body) == (200, ALL_OK)
+
+
+async def test_ready_on_each_stack(stack: Stack) -> None:
+    # The storage probe is a real listing: on S3 it must find the bucket and nothing in it.
+    response = await stack.client.get("/readyz")
+    assert (response.status_code, response.json()) == (200, ALL_OK)
 
 
 async def test_unreachable_storage_is_named_within_the_timeout(
