@@ -13,13 +13,15 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import DisableIntrospection
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker
+from app.events import create_event_bus
+from app.graphql.live import LiveGraphQL
 from app.graphql.schema import create_schema
 from app.graphql.view import graphql_endpoint
 from app.local_storage import ROUTE_METHODS, ROUTE_PATH, LocalStorage
@@ -29,6 +31,7 @@ from app.s3 import S3Storage
 from app.slow_clients import BodyDeadlineMiddleware, header_deadline_protocol
 from app.state import LifespanState, Services
 from app.storage import Storage
+from app.view_urls import ViewUrlSigner
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -87,6 +90,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     schema = create_schema(extensions=extensions)
     routes = [
         Route("/graphql", graphql_endpoint(schema), methods=["GET", "POST"]),
+        WebSocketRoute("/graphql", LiveGraphQL(schema, settings)),
         Route("/api/mask-group/{group_id:int}/view", view_mask, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
@@ -99,8 +103,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         oidc_config = OidcConfig.from_settings(settings)
         oidc = OidcVerifier.from_config(oidc_config) if oidc_config else None
         engine = create_engine(settings.resolved_database_url)
+        events = create_event_bus(engine)
         try:
             storage = await open_storage(settings)
+            await events.start()
             try:
                 yield {
                     "services": Services(
@@ -109,9 +115,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
                         sessionmaker=create_sessionmaker(engine),
                         storage=storage,
                         oidc=oidc,
+                        events=events,
+                        view_urls=ViewUrlSigner.from_settings(settings),
                     )
                 }
             finally:
+                await events.aclose()
                 await storage.aclose()
         finally:
             await engine.dispose()

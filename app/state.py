@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 
 from app.config import Settings
+from app.events import EventBus
 from app.oidc import OidcVerifier
 from app.storage import Storage
+from app.view_urls import ViewUrlSigner
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,13 +23,15 @@ class Services:
     sessionmaker: async_sessionmaker[AsyncSession]
     storage: Storage
     oidc: OidcVerifier | None
+    events: EventBus
+    view_urls: ViewUrlSigner
 
 
 class LifespanState(TypedDict):
     services: Services
 
 
-def services_of(request: Request) -> Services:
+def services_of(request: HTTPConnection) -> Services:
     services = request.state.services
     if not isinstance(services, Services):
         raise TypeError("the app was started without its lifespan")

@@ -7,9 +7,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.audit import Actor
 from app.config import Settings
+from app.events import EventBus
 from app.graphql.loaders import Loaders
 from app.principals import Principal
 from app.storage import Storage
+from app.view_urls import ViewUrlSigner
 
 
 @dataclass
@@ -18,6 +20,8 @@ class Context:
     sessionmaker: async_sessionmaker[AsyncSession]
     storage: Storage
     actor: Actor
+    events: EventBus
+    view_urls: ViewUrlSigner
     loaders: Loaders = field(init=False)
 
     def __post_init__(self) -> None:
