@@ -9,19 +9,31 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import NoReturn
 
 import uvicorn
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.audit import Actor
+from app.cli_failures import (
+    CommandFailed,
+    ExitCode,
+    check_before_serving,
+    database_answers,
+    ensure_var_dir,
+    explain,
+    open_engine,
+)
 from app.config import Settings
-from app.db import create_engine, create_sessionmaker, transaction, upgrade_database
+from app.db import create_sessionmaker, transaction, upgrade_database
 from app.errors import NotFound
 from app.graphql.schema import schema
 from app.jobs import JobContext, JobRunner, owner_name
-from app.main import JOBS, create_app, open_storage
+from app.log_redaction import RedactSecrets, uvicorn_log_config
+from app.main import JOBS, create_app, open_storage, uvicorn_options
 from app.models import ApiToken, utcnow
 from app.principals import Principal, Role
+from app.readiness import check_database
 from app.sweeper import SweepReport, sweep
 from app.tokens import count_tokens, create_token, list_tokens, revoke_token
 
@@ -38,8 +50,9 @@ def _cli_actor() -> Actor:
 
 @asynccontextmanager
 async def _database(settings: Settings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = create_engine(settings.resolved_database_url)
+    engine = open_engine(settings)
     try:
+        await check_database(engine, settings.readiness_timeout)
         yield create_sessionmaker(engine)
     finally:
         await engine.dispose()
@@ -60,15 +73,17 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     updates = {"host": args.host or settings.host, "port": args.port or settings.port}
     settings = settings.model_copy(update=updates)
     if settings.auth_disabled and settings.host not in LOOPBACK_HOSTS:
-        print(
-            f"pacs-masks: refusing to listen on {settings.host} with AUTH_DISABLED set; "
+        raise CommandFailed(
+            ExitCode.USAGE,
+            f"refusing to listen on {settings.host} with AUTH_DISABLED set; "
             "without authentication only a loopback address is allowed",
-            file=sys.stderr,
         )
-        return 2
     if settings.is_embedded_database:
-        settings.var_dir.mkdir(parents=True, exist_ok=True)
+        ensure_var_dir(settings)
         upgrade_database(settings.resolved_database_url)
+    # Refuses a database behind the migration head, unreachable storage, a taken port.
+    asyncio.run(check_before_serving(settings))
+    if settings.is_embedded_database:
         token = None if settings.auth_disabled else asyncio.run(_first_start_token(settings))
         if token:
             print(
@@ -89,14 +104,16 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        proxy_headers=True,
+        log_config=uvicorn_log_config(),
+        **uvicorn_options(settings),
     )
     return 0
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     if settings.is_embedded_database:
-        settings.var_dir.mkdir(parents=True, exist_ok=True)
+        ensure_var_dir(settings)
+    asyncio.run(database_answers(settings, need_head=False))
     upgrade_database(settings.resolved_database_url, args.revision)
     print(f"pacs-masks: database at revision {args.revision}")
     return 0
@@ -140,9 +157,9 @@ def _cleanup(settings: Settings, args: argparse.Namespace) -> int:
             "try again when it is done",
             file=sys.stderr,
         )
-        return 3
+        return ExitCode.BUSY
     print(json.dumps(report.as_dict()) if args.json else f"pacs-masks: {report.summary()}")
-    return 1 if report.errors else 0
+    return ExitCode.FAILED if report.errors else ExitCode.OK
 
 
 def _create_token(settings: Settings, args: argparse.Namespace) -> int:
@@ -173,8 +190,7 @@ def _revoke_token(settings: Settings, args: argparse.Namespace) -> int:
     try:
         asyncio.run(run())
     except NotFound as error:
-        print(f"pacs-masks: {error.message}", file=sys.stderr)
-        return 1
+        raise CommandFailed(ExitCode.FAILED, error.message) from error
     print(f"token {args.id} revoked")
     return 0
 
@@ -184,9 +200,10 @@ def _list_tokens(settings: Settings, args: argparse.Namespace) -> int:
         async with _database(settings) as sessionmaker, sessionmaker() as session:
             return await list_tokens(session)
 
+    tokens = asyncio.run(run())
     now = utcnow()
     print(f"{'id':>5}  {'user':<24} {'role':<9} {'prefix':<11} {'state':<8} expires")
-    for token in asyncio.run(run()):
+    for token in tokens:
         if token.revoked_at is not None:
             state = "revoked"
         elif token.expires_at is not None and token.expires_at <= now:
@@ -208,10 +225,15 @@ def _positive_int(value: str) -> int:
     return number
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, failing like every other command: one line, exit code 2 (not its usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitCode.USAGE, f"{self.prog}: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pacs-masks", description="Segmentation-mask upload service."
-    )
+    parser = _Parser(prog="pacs-masks", description="Segmentation-mask upload service.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the API server (applies migrations on SQLite)")
@@ -259,8 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for log_handler in logging.getLogger().handlers:
+        log_handler.addFilter(RedactSecrets())
+    if args.command != "migrate":
+        # Alembic narrates every connection; only `migrate` is about migrations.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     handler = args.handler
-    result: int = handler(Settings(), args)
+    try:
+        settings = Settings()
+        logging.getLogger().setLevel(settings.log_level.upper())
+        result: int = handler(settings, args)
+    except (Exception, KeyboardInterrupt) as error:
+        code, message = explain(error)
+        # The details stay available to whoever asks for them, never by default.
+        logging.getLogger(__name__).debug("%s failed", args.command, exc_info=error)
+        print(f"pacs-masks: {message}", file=sys.stderr)
+        return code
     return result
 
 

@@ -69,6 +69,14 @@ class Settings(BaseSettings):
     max_query_aliases: int = Field(50, ge=0)
     max_query_tokens: int = Field(20_000, ge=100)
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # Slow clients: a request's headers, and its body, must arrive within these many seconds.
+    request_header_timeout: float = Field(10, gt=0)
+    request_body_timeout: float = Field(30, gt=0)
+    # Each check of /readyz and of the command line before it starts (database, storage).
+    readiness_timeout: float = Field(3, gt=0)
+    # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (uvicorn's rule); none by
+    # default, so a client cannot choose the clientIp the audit log records.
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = []
 
     public_base_url: str = ""
     cors_origins: Annotated[list[str], NoDecode] = []
@@ -76,12 +84,26 @@ class Settings(BaseSettings):
     port: int = 8000
     log_level: str = "info"
 
-    @field_validator("allowed_content_types", "cors_origins", "oidc_algorithms", mode="before")
+    @field_validator(
+        "allowed_content_types",
+        "cors_origins",
+        "oidc_algorithms",
+        "forwarded_allow_ips",
+        mode="before",
+    )
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        levels = ("critical", "error", "warning", "info", "debug")
+        if value.lower() not in levels:
+            raise ValueError(f"must be one of {', '.join(levels)}")
+        return value.lower()
 
     @field_validator("allowed_content_types")
     @classmethod

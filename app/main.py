@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -15,6 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import DisableIntrospection
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker
@@ -27,6 +29,7 @@ from app.local_storage import ROUTE_METHODS, ROUTE_PATH, LocalStorage
 from app.oidc import OidcConfig, OidcVerifier
 from app.routes import healthz, local_object, readyz, view_mask
 from app.s3 import S3Storage
+from app.slow_clients import BodyDeadlineMiddleware, header_deadline_protocol
 from app.state import LifespanState, Services
 from app.storage import Storage
 from app.sweeper import sweep_job
@@ -78,6 +81,16 @@ async def open_storage(settings: Settings) -> Storage:
     return await S3Storage.from_settings(settings)
 
 
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """How uvicorn must run the app, for `serve` and the tests alike: forwarded headers are
+    applied by create_app from FORWARDED_ALLOW_IPS only (uvicorn's own default would believe
+    any local peer), and request headers have a deadline."""
+    return {
+        "proxy_headers": False,
+        "http": header_deadline_protocol(settings.request_header_timeout),
+    }
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
     extensions = [] if settings.graphql_introspection else [DisableIntrospection]
@@ -123,7 +136,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
         finally:
             await engine.dispose()
 
-    middleware = [Middleware(RequestIdMiddleware)]
+    middleware = [
+        Middleware(RequestIdMiddleware),
+        Middleware(BodyDeadlineMiddleware, timeout=settings.request_body_timeout),
+    ]
+    if settings.forwarded_allow_ips:
+        # uvicorn's own rule, applied here whatever server runs the app: the peer's address
+        # (and so the audit clientIp) is replaced only for these proxies.
+        middleware.insert(
+            0, Middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)
+        )
     if settings.cors_origins:
         middleware.append(
             Middleware(

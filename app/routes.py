@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import text
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from app.auth import CHALLENGE, AuthenticationUnavailable, authenticate_request
 from app.errors import Unauthenticated
 from app.local_storage import LocalStorage
+from app.readiness import readiness
 from app.slices import find_mask
 from app.state import services_of
 from app.storage import LABEL_PATTERN, StorageError
@@ -23,13 +23,14 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    try:
-        async with services_of(request).sessionmaker() as session:
-            await session.execute(text("SELECT 1"))
-    except Exception:
-        logger.exception("readiness: database unreachable")
-        return PlainTextResponse("database unreachable", status_code=503)
-    return PlainTextResponse("ready")
+    """Each dependency named: {"database": "ok", "migrations": "ok", "storage": "ok"}."""
+    services = services_of(request)
+    timeout = services.settings.readiness_timeout
+    states, problems = await readiness(services.engine, services.storage, timeout)
+    if problems:
+        logger.warning("readiness: %s", "; ".join(problems))
+    ready = all(state == "ok" for state in states.values())
+    return JSONResponse(states, status_code=200 if ready else 503)
 
 
 async def view_mask(request: Request) -> Response:

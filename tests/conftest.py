@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from app.audit import Actor
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker, transaction, upgrade_database
-from app.main import create_app
+from app.main import create_app, uvicorn_options
 from app.models import Annotation, StorageDeletion, utcnow
 from app.principals import Principal, Role
 from app.state import Services
@@ -187,7 +187,12 @@ async def serve(settings: Settings) -> AsyncIterator[tuple[Services, str]]:
     # The server keeps idle connections longer than httpx's pool does (5 s): otherwise a
     # request sent on a connection the server is closing at that moment fails with ReadError.
     config = uvicorn.Config(
-        app, log_config=None, lifespan="on", access_log=False, timeout_keep_alive=30
+        app,
+        log_config=None,
+        lifespan="on",
+        access_log=False,
+        timeout_keep_alive=30,
+        **uvicorn_options(settings),
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

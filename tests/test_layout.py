@@ -125,9 +125,22 @@ LAYERS = [
             "app.view_urls",
             "app.jobs",
             "app.sweeper",
+            "app.readiness",
+            "app.log_redaction",
         },
     ),
-    ("transport", {"app.main", "app.state", "app.routes", "app.auth", "app.cli"}),
+    (
+        "transport",
+        {
+            "app.main",
+            "app.state",
+            "app.routes",
+            "app.auth",
+            "app.cli",
+            "app.cli_failures",
+            "app.slow_clients",
+        },
+    ),
 ]
 
 
