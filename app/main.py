@@ -25,6 +25,7 @@ from app.graphql.schema import create_schema
 from app.graphql.view import graphql_endpoint
 from app.models import Mask, utcnow
 from app.oidc import OidcConfig, OidcVerifier
+from app.static_routes import static_routes
 from app.storage import LABEL_PATTERN, Storage, StorageError, create_storage
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/mask-group/{group_id:int}/view", view_mask, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        *static_routes(settings),
     ]
     if settings.storage_provider == "local":
         from app.local_storage import LocalStorage
