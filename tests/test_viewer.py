@@ -341,7 +341,7 @@ async def test_view_filter_and_delete(
         await page.keyboard.press("ArrowRight")
         await expect(viewer.get_by_role("heading")).to_have_text("Slice 10 · tumor")
         await page.keyboard.press("+")
-        await expect(viewer.locator("output[for=zoom]")).to_have_text("250 %")
+        await expect(viewer.locator("output[for=zoom]")).to_have_text("125 %")  # 512 px: 100 %
         await page.get_by_label("Mask opacity").fill("0.3")
         await expect(viewer.locator("output[for=opacity]")).to_have_text("30 %")
         await expect(viewer).to_contain_text("512 × 512")

@@ -117,7 +117,8 @@ function ThumbnailGrid(props: { masks: MaskRow[]; onOpen: (mask: MaskRow) => voi
 
 function SliceViewer(props: { masks: MaskRow[]; position: number; onMove: (position: number) => void; onClose: () => void }) {
   const mask = props.masks[props.position];
-  const [zoom, setZoom] = useState(2);
+  // Start at about 480 px on screen whatever the slice's size.
+  const [zoom, setZoom] = useState(() => Math.max(0.25, Math.round((480 / Math.max(mask?.width ?? 256, mask?.height ?? 256)) * 4) / 4));
   const [opacity, setOpacity] = useState(0.6);
   const heading = useRef<HTMLHeadingElement>(null);
   useEffect(() => heading.current?.focus(), []);
