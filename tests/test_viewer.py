@@ -173,7 +173,6 @@ async def test_sign_in_shows_me_and_signs_out(browser: Browser, site: Stack) -> 
         assert stored == [site.tokens["uploader"], 0, ""]
         await tab.page.reload()
         await expect(tab.page.get_by_test_id("me")).to_contain_text("uploader-1")
-        await tab.screenshot("viewer-annotations")
         await tab.page.get_by_role("button", name="Sign out").click()
         await expect(tab.page.get_by_label("API token")).to_be_visible()
         assert await tab.page.evaluate("sessionStorage.length") == 0
@@ -223,7 +222,6 @@ async def test_upload_30_slices_through_the_page(
         await expect(page.get_by_test_id("upload-percent")).to_have_text("100 %", timeout=60_000)
         await expect(page.get_by_text("30 of 30 slices registered")).to_be_visible()
         await expect(page.get_by_text("group COMPLETE")).to_be_visible()
-        await tab.screenshot("viewer-upload")
         assert len(tab.puts) == 30
         assert tab.most_puts_at_once <= 6
         await page.get_by_role("link", name="Open the mask group").click()
@@ -278,6 +276,60 @@ async def test_expired_urls_are_renewed(
             assert len(tab.puts) == 8 + len(refused)
 
 
+async def test_storage_errors_back_off_and_retry(
+    browser: Browser, site: Stack, tmp_path: Path
+) -> None:
+    annotation_id = await create_annotation(site)
+    files = write_slices(tmp_path / "series", range(6))
+    async with open_tab(browser, site) as tab:
+        # The failed first attempts are logged by the browser itself.
+        tab.allowed.append(lambda message: "status of 503" in message.text)
+        tab.allowed.append(lambda message: "ERR_CONNECTION_RESET" in message.text)
+        failed: set[str] = set()
+
+        async def fail_first_attempt(route: Route) -> None:
+            key = urlsplit(route.request.url).path
+            if route.request.method != "PUT" or key in failed:
+                await route.continue_()
+                return
+            failed.add(key)
+            if int(re.findall(r"slice_(\d+)", key)[0]) % 2:
+                await route.fulfill(status=503, body="busy")
+            else:
+                await route.abort("connectionreset")
+
+        await tab.page.route("**/storage/**", fail_first_attempt)
+        await tab.sign_in(site.tokens["uploader"])
+        await tab.page.goto(f"{site.base_url}/viewer/annotations/{annotation_id}/upload")
+        await tab.page.get_by_label("Mask files").set_input_files(files)
+        await tab.page.get_by_role("button", name="Upload", exact=True).click()
+        await expect(tab.page.get_by_text("group COMPLETE")).to_be_visible(timeout=60_000)
+        assert len(failed) == 6
+        assert len(tab.puts) == 12
+
+
+async def test_second_tab_sees_an_upload_live(
+    browser: Browser, site: Stack, tmp_path: Path
+) -> None:
+    if "maskGroupEvents" not in site.app.state.schema.as_str():
+        pytest.skip("this server has no maskGroupEvents subscription")
+    annotation_id = await create_annotation(site)
+    async with open_tab(browser, site) as watcher:
+        await watcher.sign_in(site.tokens["reader"])
+        await watcher.page.goto(f"{site.base_url}/viewer/annotations/{annotation_id}")
+        await expect(watcher.page.get_by_text("Live updates: connected")).to_be_visible()
+        # Another client (an inference worker) uploads: the open page follows without reload.
+        group_id = await create_group(site, annotation_id, 20, groupName="from a worker")
+        row = watcher.page.locator(f"tr[data-group-id='{group_id}']")
+        await expect(row).to_contain_text("0 / 20")
+        await upload(site, group_id, range(10), make_body=mask_png)
+        await expect(row).to_contain_text("10 / 20")
+        await upload(site, group_id, range(10, 20), make_body=mask_png)
+        await expect(row).to_contain_text("COMPLETE")
+        await site.data(DELETE_GROUP, {"id": group_id})
+        await expect(row).to_have_count(0)
+
+
 async def test_resume_sends_only_missing_slices(
     browser: Browser, site: Stack, tmp_path: Path
 ) -> None:
@@ -318,7 +370,8 @@ async def test_view_filter_and_delete(
         row = page.locator(f"tr[data-group-id='{group_id}']")
         await expect(row).to_contain_text("COMPLETE")
         await expect(row).to_contain_text("400 / 400")
-        await tab.screenshot(f"viewer-annotation-{viewport[0]}")
+        if viewport == (1280, 800):
+            await tab.screenshot("viewer-annotation")
         await row.get_by_role("link", name="liver run 2").click()
         await expect(page.get_by_text("440 slices shown")).to_be_visible()
         # Virtualized: only the rows on screen (and a couple around) are in the page.
@@ -346,7 +399,6 @@ async def test_view_filter_and_delete(
         await expect(viewer.locator("output[for=opacity]")).to_have_text("30 %")
         await expect(viewer).to_contain_text("512 × 512")
         await tab.assert_fits_width()
-        await tab.screenshot(f"viewer-group-{viewport[0]}")
         await page.keyboard.press("Escape")
         await expect(viewer).to_have_count(0)
 

@@ -19,7 +19,7 @@ const fetcher = createGraphiQLFetcher({
 });
 const headers = JSON.stringify({ Authorization: `Bearer ${token ?? "<API token>"}` }, null, 2);
 
-const DEFAULT_QUERY = `# pacs-masks: Ctrl-Enter runs the query; the schema is in the Docs panel.
+const DEFAULT_QUERY = `# Ctrl-Enter runs the query; the Docs panel lists the schema.
 query Me {
   me { user role }
   annotations(limit: 5) { id studyInstanceUid maskGroups { id status uploadedSliceCount sliceCount } }
