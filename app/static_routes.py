@@ -37,11 +37,13 @@ def _storage_origins(settings: Settings) -> list[str]:
 
 
 def page_headers(settings: Settings) -> dict[str, str]:
-    """The one Content-Security-Policy of our HTML pages: same origin only (plus the upload
-    endpoint of S3 storage); data: for GraphiQL's inlined fonts and icons."""
-    connect = " ".join(["'self'", *_storage_origins(settings)])
+    """The one Content-Security-Policy of our HTML pages: same origin only (plus S3 storage,
+    which browsers upload to and may view from); data: for GraphiQL's inlined fonts and icons."""
+    storage = "".join(f" {origin}" for origin in _storage_origins(settings))
+    connect = f"'self'{storage}"
     policy = (
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "default-src 'self'; script-src 'self'; style-src 'self'; "
+        f"img-src 'self' data:{storage}; "
         f"font-src 'self' data:; connect-src {connect}; worker-src 'self'; "
         "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
     )

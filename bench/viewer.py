@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import base64
 import hashlib
+import re
 import statistics
 import subprocess
 import sys
@@ -128,11 +129,19 @@ async def group_page(page: Page, url: str) -> dict[str, float]:
     return marks
 
 
-async def upload_rate(page: Page, base_url: str, annotation_id: str, folder: Path) -> float:
+async def upload_rate(
+    page: Page, base_url: str, annotation_id: str, folder: Path, screenshot: Path | None
+) -> float:
     await page.goto(f"{base_url}/viewer/annotations/{annotation_id}/upload")
+    await page.get_by_label("Group name").fill("liver-seg run 42")
+    await page.get_by_label("Model name").fill("liver-seg")
+    await page.get_by_label("Label", exact=True).fill("liver")
     await page.get_by_label("Mask files").set_input_files(sorted(folder.iterdir()))
     started = time.perf_counter()
     await page.get_by_role("button", name="Upload", exact=True).click()
+    if screenshot:
+        await page.get_by_text(re.compile(r" [3-9]\d\d of \d+ slices registered")).wait_for()
+        await page.screenshot(path=str(screenshot))
     await page.get_by_text("group COMPLETE").wait_for(timeout=600_000)
     return time.perf_counter() - started
 
@@ -164,7 +173,9 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
             annotation_id = annotation["createAnnotation"]["id"]
             seeded = time.perf_counter()
             group_id = await seed_group(http, annotation_id, args.slices)
-            print(f"seeded {args.slices} slices in {time.perf_counter() - seeded:.1f} s")
+            print(
+                f"seeded {args.slices} slices in {time.perf_counter() - seeded:.1f} s", flush=True
+            )
         folder = work / "upload"
         folder.mkdir()
         variants = [mask_png(index, 512) for index in range(16)]
@@ -183,27 +194,32 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
                 await group_page(page, f"{base_url}/viewer/groups/{group_id}")
                 for _ in range(args.repeat)
             ]
+            print_page_figures(args.slices, runs)
             if args.screenshots:
-                await page.get_by_role("button", name="Slice 0", exact=True).click()
+                await page.goto(f"{base_url}/viewer/groups/{group_id}")
+                await page.get_by_role("button", name="Slice 12", exact=True).click()
+                await page.get_by_label("Mask opacity").fill("0.75")
+                await page.wait_for_timeout(500)
                 await page.screenshot(path=str(Path(args.screenshots) / "viewer-group.png"))
-            seconds = await upload_rate(page, base_url, annotation_id, folder)
-            if args.screenshots:
-                await page.screenshot(path=str(Path(args.screenshots) / "viewer-upload.png"))
+            shot = Path(args.screenshots) / "viewer-upload.png" if args.screenshots else None
+            seconds = await upload_rate(page, base_url, annotation_id, folder, shot)
             await browser.close()
     finally:
         stop(process)
 
-    print(f"group page with {args.slices} slices, {args.repeat} runs (median, ms):")
-    for name in ("grid-interactive", "first-thumbnail", "scroll-to-middle", "tiles-in-dom"):
-        values = [run[name] for run in runs]
-        print(
-            f"  {name:<18} {statistics.median(values):8.0f}   (all: {[round(v) for v in values]})"
-        )
     print(
         f"upload of {args.upload} slices ({upload_bytes / 1e6:.1f} MB) through the page: "
         f"{seconds:.1f} s, {args.upload / seconds:.0f} slices/s, "
         f"{upload_bytes / seconds / 1e6:.2f} MB/s"
     )
+
+
+def print_page_figures(slices: int, runs: list[dict[str, float]]) -> None:
+    print(f"group page with {slices} slices, {len(runs)} runs (median, ms):", flush=True)
+    for name in ("grid-interactive", "first-thumbnail", "scroll-to-middle", "tiles-in-dom"):
+        values = [run[name] for run in runs]
+        rounded = [round(value) for value in values]
+        print(f"  {name:<18} {statistics.median(values):8.0f}   (all: {rounded})", flush=True)
 
 
 def main() -> None:

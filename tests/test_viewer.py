@@ -72,9 +72,13 @@ class Tab:
         await self.page.get_by_role("button", name="Sign in").click()
         await expect(self.page.get_by_test_id("me")).to_contain_text("Signed in as")
 
-    async def screenshot(self, name: str) -> None:
+    async def screenshot(self, name: str, selector: str | None = None) -> None:
         if SCREENSHOTS:
-            await self.page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"))
+            path = str(Path(SCREENSHOTS) / f"{name}.png")
+            if selector:
+                await self.page.locator(selector).screenshot(path=path)
+            else:
+                await self.page.screenshot(path=path)
 
     async def assert_fits_width(self) -> None:
         overflow = await self.page.evaluate(
@@ -342,7 +346,7 @@ async def test_resume_sends_only_missing_slices(
         page = tab.page
         await page.goto(f"{site.base_url}/viewer/groups/{group_id}")
         await expect(page.get_by_text("10 of 30 slices are missing")).to_be_visible()
-        await tab.screenshot("viewer-resume")
+        await tab.screenshot("viewer-resume", ".resume")
         await page.get_by_label("Mask files").set_input_files(files)
         await page.get_by_role("button", name="Resume").click()
         await expect(page.get_by_test_id("group-status")).to_have_text("COMPLETE", timeout=60_000)
