@@ -107,7 +107,10 @@ def fresh_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
         else:
             shutil.copy2(source, work / name)
     env = {**os.environ, "npm_config_audit": "false", "npm_config_fund": "false"}
-    for command in (["npm", "ci", "--prefer-offline"], ["node", "build.mjs", str(work / "out")]):
+    for command in (
+        ["npm", "ci", "--prefer-offline"],
+        ["npm", "run", "build", "--", str(work / "out")],
+    ):
         result = subprocess.run(
             command, cwd=work, capture_output=True, text=True, env=env, check=False
         )

@@ -241,6 +241,23 @@ async def test_upload_30_slices_through_the_page(
     }
 
 
+async def test_files_dropped_on_the_page_are_chosen(browser: Browser, site: Stack) -> None:
+    annotation_id = await create_annotation(site)
+    async with open_tab(browser, site) as tab:
+        await tab.sign_in(site.tokens["uploader"])
+        await tab.page.goto(f"{site.base_url}/viewer/annotations/{annotation_id}/upload")
+        dropped = await tab.page.evaluate_handle(
+            """() => {
+                const transfer = new DataTransfer();
+                for (const name of ['a_0001.png', 'a_0002.png', 'a_0003.png'])
+                    transfer.items.add(new File([new Uint8Array(8)], name, {type: 'image/png'}));
+                return transfer;
+            }"""
+        )
+        await tab.page.dispatch_event(".drop", "drop", {"dataTransfer": dropped})
+        await expect(tab.page.get_by_text("3 files chosen.")).to_be_visible()
+
+
 async def test_expired_urls_are_renewed(
     browser: Browser, own_sqlite_url: str, tmp_path: Path
 ) -> None:
