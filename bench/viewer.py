@@ -5,8 +5,8 @@ page of 10,000 slices, and the viewer's upload rate for 1000 slices.
     .venv/bin/python bench/viewer.py [--slices 10000] [--upload 1000] [--repeat 3]
         [--screenshots docs/images]
 
-Thumbnails are plain <img> loads of `viewUrl`. Until viewUrl is a signed URL that needs no
-header, the server runs with AUTH_DISABLED (loopback only) so that the images load at all.
+The page signs in with the ADMIN token the server prints on its first start; thumbnails are
+plain <img> loads of the signed `viewUrl`.
 """
 
 from __future__ import annotations
@@ -56,41 +56,53 @@ async def seed_group(http: httpx.AsyncClient, annotation_id: str, slices: int) -
     )
     group_id: str = group["createMaskGroup"]["id"]
     gate = asyncio.Semaphore(PUT_CONCURRENCY)
+    # Storage gets the signed URL only, never the API token.
+    storage = httpx.AsyncClient(timeout=120)
 
     async def put(target: dict[str, Any]) -> None:
         headers = {header["name"]: header["value"] for header in target["headers"]}
         async with gate:
             body = bodies[target["sliceIndex"] % 16]
-            response = await http.put(target["url"], content=body, headers=headers)
+            response = await storage.put(target["url"], content=body, headers=headers)
             response.raise_for_status()
 
-    for start in range(0, slices, BATCH):
-        indexes = range(start, min(slices, start + BATCH))
-        targets = await gql(
-            http,
-            """mutation($g: ID!, $s: [SliceUploadInput!]!) { requestMaskUploadUrls(groupId: $g,
-            slices: $s) { sliceIndex url headers { name value } } }""",
-            {
-                "g": group_id,
-                "s": [
-                    {"sliceIndex": i, "fileSize": len(bodies[i % 16]), "contentMd5": md5s[i % 16]}
-                    for i in indexes
-                ],
-            },
-        )
-        await asyncio.gather(*(put(target) for target in targets["requestMaskUploadUrls"]))
-        await gql(
-            http,
-            """mutation($g: ID!, $s: [CompletedSliceInput!]!) { completeMaskUpload(groupId: $g,
-            slices: $s) { maskGroup { status } } }""",
-            {"g": group_id, "s": [{"sliceIndex": i, "width": 128, "height": 128} for i in indexes]},
-        )
+    try:
+        for start in range(0, slices, BATCH):
+            indexes = range(start, min(slices, start + BATCH))
+            targets = await gql(
+                http,
+                """mutation($g: ID!, $s: [SliceUploadInput!]!) { requestMaskUploadUrls(groupId: $g,
+                slices: $s) { sliceIndex url headers { name value } } }""",
+                {
+                    "g": group_id,
+                    "s": [
+                        {
+                            "sliceIndex": i,
+                            "fileSize": len(bodies[i % 16]),
+                            "contentMd5": md5s[i % 16],
+                        }
+                        for i in indexes
+                    ],
+                },
+            )
+            await asyncio.gather(*(put(target) for target in targets["requestMaskUploadUrls"]))
+            await gql(
+                http,
+                """mutation($g: ID!, $s: [CompletedSliceInput!]!) { completeMaskUpload(groupId: $g,
+                slices: $s) { maskGroup { status } } }""",
+                {
+                    "g": group_id,
+                    "s": [{"sliceIndex": i, "width": 128, "height": 128} for i in indexes],
+                },
+            )
+    finally:
+        await storage.aclose()
     return group_id
 
 
-async def sign_in(page: Page, base_url: str) -> None:
+async def sign_in(page: Page, base_url: str, token: str) -> None:
     await page.goto(f"{base_url}/viewer/")
-    await page.get_by_label("API token").fill("bench")
+    await page.get_by_label("API token").fill(token)
     await page.get_by_role("button", name="Sign in").click()
     await page.get_by_test_id("me").wait_for()
 
@@ -147,7 +159,7 @@ async def upload_rate(
 
 
 def start_server(work: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {"VAR_DIR": str(work / "var"), "AUTH_DISABLED": "true", "LOG_LEVEL": "warning"}
+    env = {"VAR_DIR": str(work / "var"), "LOG_LEVEL": "warning"}
     return subprocess.Popen(
         [str(BIN / "pacs-masks"), "serve", "--port", str(port)],
         cwd=work,
@@ -164,7 +176,9 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
     process = start_server(work, port, log)
     try:
         await wait_ready(base_url, process, log)
-        async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
+        token = log.read_text().split("it is shown only once:\n", 1)[1].split()[0]
+        auth = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=base_url, timeout=120, headers=auth) as http:
             annotation = await gql(
                 http,
                 "mutation($i: CreateAnnotationInput!) { createAnnotation(input: $i) { id } }",
@@ -189,7 +203,7 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
             )
             # Playwright's waiting helpers evaluate strings, which the pages' CSP forbids.
             page = await browser.new_page(viewport={"width": 1920, "height": 1080}, bypass_csp=True)
-            await sign_in(page, base_url)
+            await sign_in(page, base_url, token)
             runs = [
                 await group_page(page, f"{base_url}/viewer/groups/{group_id}")
                 for _ in range(args.repeat)

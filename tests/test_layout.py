@@ -125,7 +125,10 @@ LAYERS = [
             "app.view_urls",
         },
     ),
-    ("transport", {"app.main", "app.state", "app.routes", "app.auth", "app.cli"}),
+    (
+        "transport",
+        {"app.main", "app.state", "app.routes", "app.static_routes", "app.auth", "app.cli"},
+    ),
 ]
 
 

@@ -283,6 +283,15 @@ export function GroupPage(props: { id: string }) {
     [group, label],
   );
   const position = openMaskId ? masks.findIndex((mask) => mask.id === openMaskId) : -1;
+  // viewUrls are signed for a few minutes: ask for fresh ones before they lapse, so that
+  // thumbnails scrolled to later still load.
+  useEffect(() => {
+    const first = group?.masks[0]?.viewUrl;
+    const expires = first ? Number(new URL(first, window.location.href).searchParams.get("expires")) : 0;
+    if (!expires) return;
+    const timer = setTimeout(() => void result.reload(), Math.max(5000, expires * 1000 - Date.now() - 30000));
+    return () => clearTimeout(timer);
+  }, [group]);
   const go = (changes: Record<string, string | null>) => {
     const url = currentLocation();
     for (const [name, value] of Object.entries(changes)) {
