@@ -414,3 +414,36 @@ async def test_graphiql_runs_a_query_offline(browser: Browser, site: Stack) -> N
         await expect(page.locator(".result-window")).to_contain_text('"user": "reader-1"')
         await tab.screenshot("graphiql")
         assert tab.foreign == []
+
+
+async def test_refused_delete_is_explained(browser: Browser, site: Stack) -> None:
+    annotation_id = await create_annotation(site)
+    group_id = await create_group(site, annotation_id, 2, groupName="not yours")
+    await upload(site, group_id, range(2), make_body=mask_png)
+    async with open_tab(browser, site) as tab:
+        await tab.sign_in(site.tokens["reader"])
+        await tab.page.goto(f"{site.base_url}/viewer/groups/{group_id}")
+        await tab.page.get_by_role("button", name="Delete this group…").click()
+        await tab.page.get_by_role("button", name="Delete “not yours”").click()
+        await expect(tab.page.get_by_role("alert")).to_have_text(
+            "Your role does not allow this. Ask an administrator for the access you need."
+        )
+    assert (await site.data(GROUP_QUERY, {"id": group_id}))["maskGroup"] is not None
+
+
+async def test_view_urls_are_renewed_before_they_lapse(
+    browser: Browser, own_sqlite_url: str, tmp_path: Path
+) -> None:
+    settings = base_settings(database_url=own_sqlite_url, var_dir=tmp_path / "var", view_url_ttl=10)
+    async with open_stack("short-view-ttl", settings) as stack:
+        annotation_id = await create_annotation(stack)
+        group_id = await create_group(stack, annotation_id, 2)
+        await upload(stack, group_id, range(2), make_body=mask_png)
+        async with open_tab(browser, stack) as tab:
+            await tab.sign_in(stack.tokens["reader"])
+            await tab.page.goto(f"{stack.base_url}/viewer/groups/{group_id}")
+            image = tab.page.locator(".tile img").first
+            first_url = await image.get_attribute("src")
+            # A 10 s URL is renewed 5 s on (the page keeps at least that much between queries).
+            await expect(image).not_to_have_attribute("src", first_url or "", timeout=9_000)
+            await expect(image).to_have_js_property("naturalWidth", 64)
