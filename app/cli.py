@@ -93,6 +93,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
                 flush=True,
             )
     base = settings.resolved_public_base_url
+    print(f"pacs-masks: viewer at {base}/viewer/", flush=True)
     print(f"pacs-masks: GraphiQL at {base}/graphql", flush=True)
     if settings.is_embedded_database:
         print(

@@ -31,6 +31,7 @@ from app.routes import healthz, local_object, readyz, view_mask
 from app.s3 import S3Storage
 from app.slow_clients import BodyDeadlineMiddleware, header_deadline_protocol
 from app.state import LifespanState, Services
+from app.static_routes import static_routes
 from app.storage import Storage
 from app.sweeper import sweep_job
 from app.view_urls import ViewUrlSigner
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/mask-group/{group_id:int}/view", view_mask, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        *static_routes(settings),
     ]
     if settings.storage_provider == "local":
         routes.append(Route(ROUTE_PATH, local_object, methods=ROUTE_METHODS))

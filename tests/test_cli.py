@@ -82,7 +82,8 @@ def test_serve_on_the_embedded_default(tmp_path: Path) -> None:
         assert created == {"data": {"createAnnotation": {"id": "1", "createdBy": "admin"}}}
     finally:
         _stop(process)
-    assert f"{url}" in output
+    assert f"GraphiQL at {url}" in output
+    assert f"viewer at http://127.0.0.1:{port}/viewer/" in output
     assert (tmp_path / "var" / "pacs-masks.db").exists()
     assert (tmp_path / "var" / "storage").is_dir()
 

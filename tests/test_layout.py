@@ -139,6 +139,7 @@ LAYERS = [
             "app.cli",
             "app.cli_failures",
             "app.slow_clients",
+            "app.static_routes",
         },
     ),
 ]

@@ -12,8 +12,7 @@ from typing import Any
 
 from graphql import DocumentNode, GraphQLError, OperationType, get_operation_ast
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from strawberry.http.ides import get_graphql_ide_html
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from app.audit import Actor
 from app.auth import CHALLENGE, AuthenticationUnavailable, authenticate_request
@@ -22,20 +21,13 @@ from app.graphql.context import Context
 from app.graphql.limits import check_document
 from app.graphql.schema import Schema
 from app.state import request_id_of, services_of
+from app.static_routes import graphiql_page
 from app.storage import StorageError
 
 logger = logging.getLogger("app.graphql")
 
 JSON_MEDIA = "application/json"
 GRAPHQL_RESPONSE_MEDIA = "application/graphql-response+json"
-# GraphiQL loads its scripts and styles from a CDN; nothing may frame it.
-IDE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline' "
-    "https://unpkg.com; style-src 'self' 'unsafe-inline' https://unpkg.com; img-src 'self' "
-    "data:; font-src 'self' data: https://unpkg.com; connect-src 'self'; frame-ancestors 'none'",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-}
 
 
 class RequestError(Exception):
@@ -148,7 +140,7 @@ async def _serve_graphql(schema: Schema, request: Request) -> Response:
     ):
         if not settings.graphiql:
             return PlainTextResponse("GraphiQL is switched off", status_code=404)
-        return HTMLResponse(get_graphql_ide_html(graphql_ide="graphiql"), headers=IDE_HEADERS)
+        return graphiql_page(settings)
     media = _accepted_media(request)
     if media is None:
         return JSONResponse(
