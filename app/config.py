@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     max_query_tokens: int = Field(20_000, ge=100)
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
 
+    # The PACS's DICOMweb root (QIDO-RS, WADO-RS, STOW-RS); without it DICOM SEG export to
+    # and import from a PACS answer PACS_NOT_CONFIGURED.
+    dicomweb_url: str | None = None
+    dicomweb_username: str | None = None
+    dicomweb_password: str | None = None
+    dicomweb_token: str | None = None
+    dicomweb_timeout: float = Field(60.0, gt=0)
+
     public_base_url: str = ""
     cors_origins: Annotated[list[str], NoDecode] = []
     host: str = "127.0.0.1"

@@ -20,6 +20,7 @@ from strawberry.extensions import DisableIntrospection
 from app.auth import authenticate, bearer_token
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker
+from app.dicom import routes as dicom_routes
 from app.errors import Unauthenticated
 from app.graphql.schema import create_schema
 from app.graphql.view import graphql_endpoint
@@ -130,6 +131,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes = [
         Route("/graphql", graphql_endpoint, methods=["GET", "POST"]),
         Route("/api/mask-group/{group_id:int}/view", view_mask, methods=["GET"]),
+        *dicom_routes.ROUTES,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]
