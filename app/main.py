@@ -21,6 +21,7 @@ from app.auth import authenticate, bearer_token
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker
 from app.dicom import routes as dicom_routes
+from app.dicom.background import TaskSet
 from app.errors import Unauthenticated
 from app.graphql.schema import create_schema
 from app.graphql.view import graphql_endpoint
@@ -151,6 +152,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield
         finally:
+            await app.state.background.aclose()
             await storage.aclose()
             await engine.dispose()
 
@@ -168,6 +170,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         )
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.settings = settings
+    app.state.background = TaskSet()
     oidc_config = OidcConfig.from_settings(settings)
     app.state.oidc = OidcVerifier.from_config(oidc_config) if oidc_config else None
     extensions = [] if settings.graphql_introspection else [DisableIntrospection]

@@ -12,6 +12,7 @@ from app.auth import Role, require
 from app.db import transaction
 from app.errors import BadUserInput
 from app.graphql.context import Info
+from app.graphql.dicom import DicomMutation
 from app.graphql.execution import FastListExecutionContext
 from app.graphql.types import (
     SCALARS,
@@ -121,7 +122,7 @@ class Query:
 
 
 @strawberry.type
-class Mutation:
+class Mutation(DicomMutation):
     @strawberry.mutation
     async def create_annotation(self, info: Info, input: CreateAnnotationInput) -> Annotation:
         async with transaction(info.context.sessionmaker) as session:

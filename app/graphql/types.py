@@ -16,6 +16,7 @@ from strawberry.types.scalar import ScalarDefinition
 from app import auth, models
 from app.errors import BadUserInput
 from app.graphql.context import Info
+from app.graphql.dicom_types import DicomExport
 from app.graphql.loaders import MaskFilter
 from app.masks import UploadTarget
 from app.models import utcnow
@@ -216,6 +217,11 @@ class MaskGroup:
     async def annotation(self, info: Info) -> Annotation:
         row = await info.context.loaders.annotation.load(int(self.annotation_id))
         return Annotation.from_row(row)
+
+    @strawberry.field(description="latest DICOM SEG export of this group; null if never exported")
+    async def dicom_export(self, info: Info) -> DicomExport | None:
+        row = await info.context.loaders.dicom_export.load(int(self.id))
+        return DicomExport.from_row(row) if row is not None else None
 
     @strawberry.field
     async def missing_slice_indexes(self, info: Info) -> list[int]:
