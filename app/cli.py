@@ -189,6 +189,14 @@ def _list_tokens(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _dicom(settings: Settings, args: argparse.Namespace) -> int:
+    from app.dicom import cli as dicom_cli
+
+    code, line = dicom_cli.run(settings, args, _cli_actor())
+    print(line, file=sys.stderr if code else sys.stdout)
+    return code
+
+
 def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -233,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list-tokens", help="list API tokens (never their secrets)")
     listing.set_defaults(handler=_list_tokens)
+
+    from app.dicom.cli import add_commands
+
+    add_commands(commands)
+    for name in ("export-seg", "import-seg"):
+        commands.choices[name].set_defaults(handler=_dicom)
     return parser
 
 

@@ -33,7 +33,7 @@ from app.main import create_app
 from app.models import Annotation, StorageDeletion, utcnow
 from app.storage import Storage
 
-pytest_plugins = ["storage_servers", "pacs_server"]
+pytest_plugins = ["storage_servers", "pacs_server", "pacs_flows"]
 
 if TYPE_CHECKING:
     from storage_servers import MotoServer

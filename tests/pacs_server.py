@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from storage_servers import _free_port, _unavailable
 
@@ -158,6 +158,9 @@ def synthetic_ct_series(slices: int = 24, size: int = 64, *, tilted: bool = True
         dataset.SOPClassUID = CTImageStorage
         dataset.SOPInstanceUID = generate_uid()
         dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+        # A whole Part 10 file (the PACS keeps and returns what it was sent).
+        dataset.preamble = b"\0" * 128
+        validate_file_meta(dataset.file_meta, enforce_standard=True)
         dataset.StudyInstanceUID = study
         dataset.SeriesInstanceUID = series
         dataset.FrameOfReferenceUID = frame_of_reference

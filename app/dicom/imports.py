@@ -16,6 +16,7 @@ import io
 import itertools
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,39 @@ async def import_seg(
     require(actor.principal, Role.UPLOADER)
     masks.validate_uid("seriesInstanceUid", series_instance_uid, required=True)
     masks.validate_uid("sopInstanceUid", sop_instance_uid, required=True)
+    # The PACS first: without one configured, say so before anything else.
+    pacs = Pacs(settings) if dataset is None or source_dir is None else None
+    try:
+        return await _import(
+            sessionmaker,
+            storage,
+            settings,
+            actor,
+            pacs,
+            annotation_id=annotation_id,
+            series_instance_uid=series_instance_uid,
+            sop_instance_uid=sop_instance_uid,
+            dataset=dataset,
+            source_dir=source_dir,
+        )
+    finally:
+        if pacs is not None:
+            pacs.close()
+
+
+async def _import(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    storage: Storage,
+    settings: Settings,
+    actor: Actor,
+    pacs: Pacs | None,
+    *,
+    annotation_id: int,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    dataset: Dataset | None,
+    source_dir: Path | None,
+) -> MaskGroup:
     async with sessionmaker() as session:
         annotation = await session.scalar(select(Annotation).where(Annotation.id == annotation_id))
     if annotation is None:
@@ -197,28 +231,66 @@ async def import_seg(
             field="annotationId",
         )
     study, source_series = annotation.study_instance_uid, annotation.series_instance_uid
-    pacs = Pacs(settings) if dataset is None or source_dir is None else None
-    try:
-        if dataset is None:
-            assert pacs is not None
-            dataset = await pacs.retrieve_instance(study, series_instance_uid, sop_instance_uid)
-        seg = _segmentation(dataset, sop_instance_uid)
-        referenced = referenced_series(seg)
-        if referenced != source_series:
-            raise DicomMismatch(
-                f"SEG {sop_instance_uid} segments series {referenced}, but annotation "
-                f"{annotation_id} is about series {source_series}"
-            )
-        if source_dir is not None:
-            source = await asyncio.to_thread(read_source_dir, source_dir, study, source_series)
-        else:
-            assert pacs is not None
-            source = await pacs.source_series(study, source_series)
-    finally:
-        if pacs is not None:
-            pacs.close()
+    if dataset is None:
+        assert pacs is not None
+        dataset = await pacs.retrieve_instance(study, series_instance_uid, sop_instance_uid)
+    # highdicom keeps a SEG's frame index in an SQLite database bound to the thread that
+    # read it: every call on the SEG runs in this one thread.
+    with ThreadPoolExecutor(1, thread_name_prefix="seg-import") as seg_thread:
+        return await _import_seg(
+            sessionmaker,
+            storage,
+            settings,
+            actor,
+            pacs,
+            seg_thread,
+            annotation_id=annotation_id,
+            dataset=dataset,
+            sop_instance_uid=sop_instance_uid,
+            study=study,
+            source_series=source_series,
+            source_dir=source_dir,
+        )
+
+
+async def _import_seg(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    storage: Storage,
+    settings: Settings,
+    actor: Actor,
+    pacs: Pacs | None,
+    seg_thread: ThreadPoolExecutor,
+    *,
+    annotation_id: int,
+    dataset: Dataset,
+    sop_instance_uid: str,
+    study: str,
+    source_series: str,
+    source_dir: Path | None,
+) -> MaskGroup:
+    loop = asyncio.get_running_loop()
+    seg = await loop.run_in_executor(seg_thread, _segmentation, dataset, sop_instance_uid)
+    referenced = referenced_series(seg)
+    if referenced != source_series:
+        raise DicomMismatch(
+            f"SEG {sop_instance_uid} segments series {referenced}, but annotation "
+            f"{annotation_id} is about series {source_series}"
+        )
+    if source_dir is not None:
+        source = await asyncio.to_thread(read_source_dir, source_dir, study, source_series)
+    else:
+        assert pacs is not None
+        source = await pacs.source_series(study, source_series)
     return await _create_group(
-        sessionmaker, storage, settings, actor, annotation_id, seg, source, sop_instance_uid
+        sessionmaker,
+        storage,
+        settings,
+        actor,
+        seg_thread,
+        annotation_id,
+        seg,
+        source,
+        sop_instance_uid,
     )
 
 
@@ -227,6 +299,7 @@ async def _create_group(
     storage: Storage,
     settings: Settings,
     actor: Actor,
+    seg_thread: ThreadPoolExecutor,
     annotation_id: int,
     seg: hd.seg.Segmentation,
     source: SourceSeries,
@@ -263,7 +336,10 @@ async def _create_group(
     try:
         async with httpx.AsyncClient(timeout=PUT_TIMEOUT_SECONDS) as client:
             planes = iter_planes(seg, source, segments)
-            while chunk := await asyncio.to_thread(lambda: list(itertools.islice(planes, batch))):
+            loop = asyncio.get_running_loop()
+            while chunk := await loop.run_in_executor(
+                seg_thread, lambda: list(itertools.islice(planes, batch))
+            ):
                 pngs = await asyncio.to_thread(_encode_batch, chunk, source, segments)
                 await _upload_batch(
                     sessionmaker, storage, settings, actor, client, group_id, pngs, source

@@ -7,14 +7,13 @@ loop keeps serving. Failures become PacsUnavailable or NotFound with the reason 
 from __future__ import annotations
 
 import asyncio
-import io
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from app.config import Settings
 from app.dicom.errors import PacsNotConfigured, PacsUnavailable
@@ -108,27 +107,10 @@ class Pacs:
                     sop_instance_uid=sop_instance_uid,
                 ),
             )
-        except NotFound as error:
+        except (NotFound, InvalidDicomError) as error:
+            # Some PACS answer an unknown instance with an empty multipart body, not 404.
             raise NotFound(
                 f"instance {sop_instance_uid} of series {series_instance_uid} was not found "
                 "in the PACS"
             ) from error
         return dataset
-
-    async def find_series_study(self, series_instance_uid: str) -> str | None:
-        """The study of a series, for a SEG named only by its series."""
-        found: list[dict[str, Any]] = await self._call(
-            f"searching series {series_instance_uid}",
-            lambda: self._client.search_for_series(
-                search_filters={"SeriesInstanceUID": series_instance_uid}
-            ),
-        )
-        for item in found:
-            value = item.get("0020000D", {}).get("Value")
-            if value:
-                return str(value[0])
-        return None
-
-
-def read_dicom_bytes(data: bytes) -> Dataset:
-    return pydicom.dcmread(io.BytesIO(data))
