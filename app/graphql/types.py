@@ -75,7 +75,8 @@ class AuditEvent:
     actor: str
     action: str = strawberry.field(
         description="annotation.create, mask_group.create, upload_urls.issue, upload.complete, "
-        "mask_group.delete, token.create, token.revoke"
+        "mask_group.delete, token.create, token.revoke, mask_group.export_seg, "
+        "mask_group.import_seg"
     )
     annotation_id: strawberry.ID | None
     mask_group_id: strawberry.ID | None
