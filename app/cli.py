@@ -5,18 +5,23 @@ import asyncio
 import getpass
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import timedelta
 
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+import uvicorn
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.audit import Actor
-from app.auth import Principal, Role, create_token, revoke_token
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker, transaction, upgrade_database
+from app.dicom import cli as dicom_cli
 from app.errors import NotFound
+from app.graphql.schema import schema
+from app.main import create_app, open_storage
 from app.models import ApiToken, utcnow
+from app.principals import Principal, Role
+from app.tokens import count_tokens, create_token, list_tokens, revoke_token
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -29,31 +34,27 @@ def _cli_actor() -> Actor:
     return Actor(principal=Principal(user=f"cli:{user}", role=Role.ADMIN))
 
 
-def _database(settings: Settings) -> tuple[AsyncEngine, async_sessionmaker[AsyncSession]]:
+@asynccontextmanager
+async def _database(settings: Settings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
     engine = create_engine(settings.resolved_database_url)
-    return engine, create_sessionmaker(engine)
-
-
-async def _first_start_token(settings: Settings) -> str | None:
-    """An admin token on the embedded default's first start, as Jupyter prints one."""
-    engine, sessionmaker = _database(settings)
     try:
-        async with transaction(sessionmaker) as session:
-            if await session.scalar(select(func.count()).select_from(ApiToken)):
-                return None
-            _, secret = await create_token(
-                session, _cli_actor(), user="admin", role=Role.ADMIN, expires_in=None, now=utcnow()
-            )
-            return secret
+        yield create_sessionmaker(engine)
     finally:
         await engine.dispose()
 
 
+async def _first_start_token(settings: Settings) -> str | None:
+    """An admin token on the embedded default's first start, as Jupyter prints one."""
+    async with _database(settings) as sessionmaker, transaction(sessionmaker) as session:
+        if await count_tokens(session):
+            return None
+        _, secret = await create_token(
+            session, _cli_actor(), user="admin", role=Role.ADMIN, expires_in=None, now=utcnow()
+        )
+        return secret
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from app.main import create_app
-
     updates = {"host": args.host or settings.host, "port": args.port or settings.port}
     settings = settings.model_copy(update=updates)
     if settings.auth_disabled and settings.host not in LOOPBACK_HOSTS:
@@ -100,17 +101,13 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _export_schema(settings: Settings, args: argparse.Namespace) -> int:
-    from app.graphql.schema import schema
-
     sys.stdout.write(schema.as_str() + "\n")
     return 0
 
 
 def _setup_storage(settings: Settings, args: argparse.Namespace) -> int:
-    from app.storage import create_storage
-
     async def run() -> None:
-        storage = await create_storage(settings)
+        storage = await open_storage(settings)
         try:
             await storage.ensure_bucket(settings.cors_origins)
         finally:
@@ -123,19 +120,15 @@ def _setup_storage(settings: Settings, args: argparse.Namespace) -> int:
 
 def _create_token(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> tuple[ApiToken, str]:
-        engine, sessionmaker = _database(settings)
-        try:
-            async with transaction(sessionmaker) as session:
-                return await create_token(
-                    session,
-                    _cli_actor(),
-                    user=args.user,
-                    role=Role[args.role.upper()],
-                    expires_in=timedelta(days=args.expires_days) if args.expires_days else None,
-                    now=utcnow(),
-                )
-        finally:
-            await engine.dispose()
+        async with _database(settings) as sessionmaker, transaction(sessionmaker) as session:
+            return await create_token(
+                session,
+                _cli_actor(),
+                user=args.user,
+                role=Role[args.role.upper()],
+                expires_in=timedelta(days=args.expires_days) if args.expires_days else None,
+                now=utcnow(),
+            )
 
     token, secret = asyncio.run(run())
     expiry = token.expires_at.isoformat() if token.expires_at else "never"
@@ -147,12 +140,8 @@ def _create_token(settings: Settings, args: argparse.Namespace) -> int:
 
 def _revoke_token(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> None:
-        engine, sessionmaker = _database(settings)
-        try:
-            async with transaction(sessionmaker) as session:
-                await revoke_token(session, _cli_actor(), args.id, utcnow())
-        finally:
-            await engine.dispose()
+        async with _database(settings) as sessionmaker, transaction(sessionmaker) as session:
+            await revoke_token(session, _cli_actor(), args.id, utcnow())
 
     try:
         asyncio.run(run())
@@ -164,13 +153,9 @@ def _revoke_token(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _list_tokens(settings: Settings, args: argparse.Namespace) -> int:
-    async def run() -> list[ApiToken]:
-        engine, sessionmaker = _database(settings)
-        try:
-            async with sessionmaker() as session:
-                return list(await session.scalars(select(ApiToken).order_by(ApiToken.id)))
-        finally:
-            await engine.dispose()
+    async def run() -> Sequence[ApiToken]:
+        async with _database(settings) as sessionmaker, sessionmaker() as session:
+            return await list_tokens(session)
 
     now = utcnow()
     print(f"{'id':>5}  {'user':<24} {'role':<9} {'prefix':<11} {'state':<8} expires")
@@ -190,8 +175,6 @@ def _list_tokens(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _dicom(settings: Settings, args: argparse.Namespace) -> int:
-    from app.dicom import cli as dicom_cli
-
     code, line = dicom_cli.run(settings, args, _cli_actor())
     print(line, file=sys.stderr if code else sys.stdout)
     return code
@@ -242,9 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list-tokens", help="list API tokens (never their secrets)")
     listing.set_defaults(handler=_list_tokens)
 
-    from app.dicom.cli import add_commands
-
-    add_commands(commands)
+    dicom_cli.add_commands(commands)
     for name in ("export-seg", "import-seg"):
         commands.choices[name].set_defaults(handler=_dicom)
     return parser

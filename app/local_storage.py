@@ -32,11 +32,19 @@ import anyio
 import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
 from app.config import CONTENT_TYPE_EXTENSIONS, Settings
-from app.storage import ObjectStream, SignedRequest, StorageError, StoredObject, md5_base64_to_hex
+from app.storage import (
+    ObjectStream,
+    SignedRequest,
+    StorageError,
+    StoredObject,
+    md5_base64_to_hex,
+    signed_put,
+)
 
+ROUTE_PATH = "/storage/{key:path}"
+ROUTE_METHODS = ["PUT", "GET", "HEAD"]
 CHUNK_SIZE = 64 * 1024
 # Upload bodies are written in batches of this size so small masks cost one thread hop in all.
 FLUSH_SIZE = 1024 * 1024
@@ -285,11 +293,12 @@ class LocalStorage:
         expires = int(now.timestamp()) + expires_in
         canonical = f"PUT\n{key}\n{expires}\n{content_type}\n{content_md5}\n{content_length}"
         query = f"?expires={expires}&length={content_length}&signature={self._sign(canonical)}"
-        return SignedRequest(
-            url=self._base_url + key + query,
-            method="PUT",
-            headers=(("Content-Type", content_type), ("Content-MD5", content_md5)),
-            expires_at=now + timedelta(seconds=expires_in),
+        return signed_put(
+            self._base_url + key + query,
+            content_type=content_type,
+            content_md5=content_md5,
+            expires_in=expires_in,
+            now=now,
         )
 
     def presign_get(self, key: str, *, expires_in: int, now: datetime) -> SignedRequest:
@@ -313,10 +322,8 @@ class LocalStorage:
             raise PermissionError("storage key leads outside the storage root")
         return path
 
-    def routes(self) -> list[Route]:
-        return [Route("/storage/{key:path}", self._endpoint, methods=["PUT", "GET", "HEAD"])]
-
-    async def _endpoint(self, request: Request) -> Response:
+    async def handle(self, request: Request) -> Response:
+        """Serves ROUTE_PATH: signed PUTs, GETs and HEADs of one object."""
         key: str = request.path_params["key"]
         if _KEY.fullmatch(key) is None:
             return _error(400, "InvalidArgument", "Invalid object key.")

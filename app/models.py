@@ -21,8 +21,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.auth import Role
 from app.db import Base
+from app.principals import Role
 
 
 class UTCDateTime(TypeDecorator[datetime]):

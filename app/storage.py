@@ -1,7 +1,7 @@
-"""The storage protocol, the key rule, and the factory that picks a backend from settings.
+"""The storage protocol and the key rule.
 
 Backends: `app.s3` (S3 / MinIO through aiobotocore) and `app.local_storage` (local disk,
-served and verified by this app under /storage/...).
+served and verified by this app under /storage/...); `app.main.open_storage` picks one.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import binascii
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
-from app.config import CONTENT_TYPE_EXTENSIONS, Settings
+from app.config import CONTENT_TYPE_EXTENSIONS
 
 KEY_ROOT = "mask"
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -57,6 +57,18 @@ class SignedRequest:
     # Headers the client must send exactly as given: they are part of the signature.
     headers: tuple[tuple[str, str], ...]
     expires_at: datetime
+
+
+def signed_put(
+    url: str, *, content_type: str, content_md5: str, expires_in: int, now: datetime
+) -> SignedRequest:
+    """A signed PUT whose Content-Type and Content-MD5 the signature covers."""
+    return SignedRequest(
+        url=url,
+        method="PUT",
+        headers=(("Content-Type", content_type), ("Content-MD5", content_md5)),
+        expires_at=now + timedelta(seconds=expires_in),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,13 +121,3 @@ class Storage(Protocol):
         ...
 
     async def aclose(self) -> None: ...
-
-
-async def create_storage(settings: Settings) -> Storage:
-    if settings.storage_provider == "local":
-        from app.local_storage import LocalStorage
-
-        return LocalStorage.from_settings(settings)
-    from app.s3 import S3Storage
-
-    return await S3Storage.from_settings(settings)

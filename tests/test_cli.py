@@ -14,10 +14,11 @@ import pytest
 from conftest import base_settings
 from sqlalchemy import select
 
-from app.auth import Principal, Role, authenticate
+from app.auth import authenticate
 from app.db import create_engine, create_sessionmaker
 from app.errors import Unauthenticated
 from app.models import ApiToken, AuditEvent, utcnow
+from app.principals import Principal, Role
 
 BIN = Path(sys.executable).parent
 

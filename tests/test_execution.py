@@ -9,9 +9,11 @@ from conftest import Stack
 from flows import create_annotation, create_group, upload
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 
-from app.auth import Principal, Role
+from app.audit import Actor
+from app.dicom.background import TaskSet
 from app.graphql.context import Context
 from app.graphql.schema import create_schema
+from app.principals import Principal, Role
 
 QUERIES = [
     """query($id: ID!) { annotation(id: $id) { maskGroups { masks {
@@ -37,12 +39,11 @@ async def test_fast_path_matches_standard_execution(stack: Stack, query: str) ->
 
     standard = create_schema(execution_context_class=StrawberryGraphQLCoreExecutionContext)
     context = Context(
-        request=None,  # type: ignore[arg-type]
         settings=stack.settings,
         sessionmaker=stack.sessionmaker,
         storage=stack.storage,
-        request_id="test",
-        principal=Principal("reader-1", Role.READER),
+        background=TaskSet(),
+        actor=Actor(Principal("reader-1", Role.READER), request_id="test"),
     )
     result = await standard.execute(query, variable_values=variables, context_value=context)
     assert result.errors is None

@@ -17,12 +17,13 @@ from app.dicom.export import group_seg
 from app.dicom.imports import import_seg
 from app.dicom.seg import summary
 from app.errors import AppError, BadUserInput
-from app.storage import StorageError, create_storage
+from app.main import open_storage
+from app.storage import StorageError
 
 
 async def _with_resources(settings: Settings, args: argparse.Namespace, actor: Actor) -> str:
     engine = create_engine(settings.resolved_database_url)
-    storage = await create_storage(settings)
+    storage = await open_storage(settings)
     try:
         sessionmaker = create_sessionmaker(engine)
         source_dir = Path(args.source_dir) if args.source_dir else None

@@ -24,7 +24,6 @@ from sqlalchemy import Row, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.audit import Actor, record
-from app.auth import require_owner
 from app.config import Settings
 from app.db import transaction
 from app.dicom.errors import PacsNotConfigured
@@ -41,6 +40,7 @@ from app.models import (
     MaskGroupStatus,
     utcnow,
 )
+from app.principals import require_owner
 from app.storage import Storage, StorageError
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """A DICOM SEG as a new mask group: one PNG per source slice and segment.
 
 The PNGs take the same path as any client's: presigned PUT URLs from
-`masks.request_upload_urls`, a PUT to storage, `masks.complete_upload` verifying size and
+`upload_urls.request_upload_urls`, a PUT to storage, `completion.complete_upload` verifying size and
 MD5 in storage. Slices go in batches (bounded memory: a batch of planes is decoded, encoded
 and uploaded before the next). If anything fails the new group is deleted again (rows and
 objects), so an import lands whole or not at all.
@@ -30,18 +30,22 @@ from pydicom.uid import SegmentationStorage
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app import masks
+from app.annotations import create_mask_group
 from app.audit import Actor, record
-from app.auth import Role, require
+from app.completion import CompletedSlice, complete_upload
 from app.config import Settings
 from app.db import transaction
+from app.deletion import delete_mask_group, purge, settle_purge
 from app.dicom.errors import DicomMismatch
 from app.dicom.pacs import Pacs
 from app.dicom.seg import SegSegment, iter_planes, read_segments, referenced_series
 from app.dicom.source import SourceSeries, read_source_dir
 from app.errors import BadUserInput, NotFound, StorageUnavailable
 from app.models import Annotation, MaskGroup, utcnow
+from app.principals import Role, require
 from app.storage import Storage
+from app.upload_urls import SliceUpload, UploadTarget, request_upload_urls
+from app.validation import validate_uid
 
 logger = logging.getLogger(__name__)
 
@@ -110,14 +114,14 @@ async def _upload_batch(
     source: SourceSeries,
 ) -> None:
     async with transaction(sessionmaker) as session:
-        targets = await masks.request_upload_urls(
+        targets = await request_upload_urls(
             session,
             storage,
             settings,
             actor,
             group_id=group_id,
             slices=[
-                masks.SliceUpload(
+                SliceUpload(
                     slice_index=png.slice_index,
                     label_name=png.label_name,
                     content_type="image/png",
@@ -131,7 +135,7 @@ async def _upload_batch(
         )
     gate = asyncio.Semaphore(PUT_CONCURRENCY)
 
-    async def put(target: masks.UploadTarget, body: bytes) -> None:
+    async def put(target: UploadTarget, body: bytes) -> None:
         async with gate:
             try:
                 response = await client.request(
@@ -151,14 +155,14 @@ async def _upload_batch(
         *(put(target, png.body) for target, png in zip(targets, pngs, strict=True))
     )
     async with transaction(sessionmaker) as session:
-        await masks.complete_upload(
+        await complete_upload(
             session,
             storage,
             settings,
             actor,
             group_id=group_id,
             slices=[
-                masks.CompletedSlice(
+                CompletedSlice(
                     slice_index=png.slice_index,
                     label_name=png.label_name,
                     sop_instance_uid=png.sop_instance_uid,
@@ -185,8 +189,8 @@ async def import_seg(
 ) -> MaskGroup:
     """A new group of the annotation from the SEG (`dataset`, else retrieved by WADO-RS)."""
     require(actor.principal, Role.UPLOADER)
-    masks.validate_uid("seriesInstanceUid", series_instance_uid, required=True)
-    masks.validate_uid("sopInstanceUid", sop_instance_uid, required=True)
+    validate_uid("seriesInstanceUid", series_instance_uid, required=True)
+    validate_uid("sopInstanceUid", sop_instance_uid, required=True)
     # The PACS first: without one configured, say so before anything else.
     pacs = Pacs(settings) if dataset is None or source_dir is None else None
     try:
@@ -308,7 +312,7 @@ async def _create_group(
     segments = read_segments(seg)
     model_name, version = _model(seg)
     async with transaction(sessionmaker) as session:
-        group = await masks.create_mask_group(
+        group = await create_mask_group(
             session,
             settings,
             actor,
@@ -358,15 +362,9 @@ async def _discard(
 ) -> None:
     try:
         async with transaction(sessionmaker) as session:
-            deletion = await masks.delete_mask_group(
-                session, actor, group_id=group_id, now=utcnow()
-            )
-        await masks.purge_storage_deletion(
-            sessionmaker,
-            storage,
-            deletion.storage_deletion_id,
-            prefix=deletion.prefix,
-            upload_expires_at=deletion.upload_expires_at,
-        )
+            deletion = await delete_mask_group(session, actor, group_id=group_id, now=utcnow())
+        outcome = await purge(storage, deletion)
+        async with transaction(sessionmaker) as session:
+            await settle_purge(session, deletion, outcome, now=utcnow())
     except Exception:
         logger.exception("import: the partial group %s could not be removed", group_id)

@@ -13,12 +13,11 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from app.auth import authenticate, bearer_token
-from app.config import Settings
+from app.auth import CHALLENGE, AuthenticationUnavailable, authenticate_request
 from app.dicom.errors import DicomMismatch, PacsNotConfigured, PacsUnavailable
 from app.dicom.export import group_seg
 from app.errors import AppError, BadUserInput, Conflict, NotFound, Unauthenticated
-from app.models import utcnow
+from app.state import services_of
 from app.storage import StorageError
 
 logger = logging.getLogger(__name__)
@@ -35,18 +34,6 @@ STATUS_BY_ERROR: dict[type[AppError], int] = {
     PacsNotConfigured: 503,
     PacsUnavailable: 503,
 }
-
-
-async def _check_caller(request: Request) -> None:
-    settings: Settings = request.app.state.settings
-    if settings.auth_disabled:
-        return
-    await authenticate(
-        request.app.state.sessionmaker,
-        bearer_token(request.headers.get("authorization")),
-        oidc=request.app.state.oidc,
-        now=utcnow(),
-    )
 
 
 def _write(seg: Dataset) -> IO[bytes]:
@@ -67,21 +54,15 @@ async def _chunks(spool: IO[bytes]) -> AsyncIterator[bytes]:
 
 async def download_seg(request: Request) -> Response:
     try:
-        await _check_caller(request)
+        await authenticate_request(request)
     except Unauthenticated as error:
-        return PlainTextResponse(
-            error.message,
-            status_code=401,
-            headers={"WWW-Authenticate": 'Bearer realm="pacs-masks"'},
-        )
-    group_id = int(request.path_params["group_id"])
+        return PlainTextResponse(error.message, status_code=401, headers=CHALLENGE)
+    except AuthenticationUnavailable as error:
+        return PlainTextResponse(error.message, status_code=500)
+    services = services_of(request)
+    group_id: int = request.path_params["group_id"]
     try:
-        seg = await group_seg(
-            request.app.state.sessionmaker,
-            request.app.state.storage,
-            request.app.state.settings,
-            group_id,
-        )
+        seg = await group_seg(services.sessionmaker, services.storage, services.settings, group_id)
     except AppError as error:
         status = next(
             (code for kind, code in STATUS_BY_ERROR.items() if isinstance(error, kind)), 500

@@ -5,14 +5,13 @@ from __future__ import annotations
 import strawberry
 
 from app.db import transaction
-from app.dicom.background import TaskSet
 from app.dicom.export import request_export, run_export
 from app.dicom.imports import import_seg
 from app.graphql.context import Info
 from app.graphql.dicom_types import DicomExport
 from app.graphql.types import MaskGroup
-from app.masks import parse_id
 from app.models import DicomExportStatus, utcnow
+from app.validation import parse_id
 
 
 @strawberry.type
@@ -28,8 +27,7 @@ class DicomMutation:
                 session, context.settings, context.actor, group_id=parse_id("id", id), now=utcnow()
             )
         if export.status is DicomExportStatus.PENDING:
-            background: TaskSet = context.request.app.state.background
-            background.start(
+            context.background.start(
                 run_export(
                     export.id,
                     sessionmaker=context.sessionmaker,
