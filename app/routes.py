@@ -32,14 +32,22 @@ async def readyz(request: Request) -> Response:
     return PlainTextResponse("ready")
 
 
-async def view_mask(request: Request) -> Response:
-    """Streams one stored mask image through the server (same-origin for the viewer)."""
+async def authentication_refusal(request: Request) -> Response | None:
+    """The answer for a caller who cannot be authenticated (401, or 500 with the request id
+    when authentication itself failed); None for one who can."""
     try:
         await authenticate_request(request)
     except Unauthenticated as error:
         return PlainTextResponse(error.message, status_code=401, headers=CHALLENGE)
     except AuthenticationUnavailable as error:
         return PlainTextResponse(error.message, status_code=500)
+    return None
+
+
+async def view_mask(request: Request) -> Response:
+    """Streams one stored mask image through the server (same-origin for the viewer)."""
+    if (refusal := await authentication_refusal(request)) is not None:
+        return refusal
     services = services_of(request)
     group_id: int = request.path_params["group_id"]
     slice_param = request.query_params.get("slice", "")

@@ -113,12 +113,11 @@ async def _upload_batch(
     pngs: Sequence[_Png],
     source: SourceSeries,
 ) -> None:
+    uploader = (storage, settings, actor)
     async with transaction(sessionmaker) as session:
         targets = await request_upload_urls(
             session,
-            storage,
-            settings,
-            actor,
+            *uploader,
             group_id=group_id,
             slices=[
                 SliceUpload(
@@ -157,9 +156,7 @@ async def _upload_batch(
     async with transaction(sessionmaker) as session:
         await complete_upload(
             session,
-            storage,
-            settings,
-            actor,
+            *uploader,
             group_id=group_id,
             slices=[
                 CompletedSlice(

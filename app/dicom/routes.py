@@ -13,10 +13,10 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from app.auth import CHALLENGE, AuthenticationUnavailable, authenticate_request
 from app.dicom.errors import DicomMismatch, PacsNotConfigured, PacsUnavailable
 from app.dicom.export import group_seg
-from app.errors import AppError, BadUserInput, Conflict, NotFound, Unauthenticated
+from app.errors import AppError, BadUserInput, Conflict, NotFound
+from app.routes import authentication_refusal
 from app.state import services_of
 from app.storage import StorageError
 
@@ -53,12 +53,8 @@ async def _chunks(spool: IO[bytes]) -> AsyncIterator[bytes]:
 
 
 async def download_seg(request: Request) -> Response:
-    try:
-        await authenticate_request(request)
-    except Unauthenticated as error:
-        return PlainTextResponse(error.message, status_code=401, headers=CHALLENGE)
-    except AuthenticationUnavailable as error:
-        return PlainTextResponse(error.message, status_code=500)
+    if (refusal := await authentication_refusal(request)) is not None:
+        return refusal
     services = services_of(request)
     group_id: int = request.path_params["group_id"]
     try:
