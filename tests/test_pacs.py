@@ -350,3 +350,36 @@ async def test_a_pending_export_is_claimed_once(pstack: Stack, stored_series: Ct
     )
     assert sorted(results, key=str) == sorted([DicomExportStatus.DONE, None], key=str)
     assert (await wait_for_export(pstack, group_id))["status"] == "DONE"
+
+
+async def test_a_stale_running_export_is_claimed_again(
+    pstack: Stack, stored_series: CtSeries
+) -> None:
+    """A worker that died leaves its export RUNNING; once the claim is stale another takes it."""
+    from datetime import timedelta
+
+    from app.dicom.export import STALE_AFTER, pending_export_ids, run_export
+    from app.models import DicomExport, DicomExportStatus, utcnow
+
+    annotation_id = await create_annotation(pstack, stored_series)
+    group_id = await upload_group(pstack, annotation_id, 24, synthetic_masks(24, 64, ["liver"]))
+    rows = {}
+    async with pstack.sessionmaker() as session, session.begin():
+        for name, claimed in (("fresh", utcnow()), ("stale", utcnow() - 2 * STALE_AFTER)):
+            rows[name] = DicomExport(
+                mask_group_id=int(group_id),
+                status=DicomExportStatus.RUNNING,
+                requested_by="test",
+                requested_at=utcnow() - timedelta(hours=2),
+                claimed_at=claimed,
+                attempts=1,
+            )
+            session.add(rows[name])
+    arguments = {
+        "sessionmaker": pstack.sessionmaker,
+        "storage": pstack.storage,
+        "settings": pstack.settings,
+    }
+    assert await pending_export_ids(pstack.sessionmaker) == [rows["stale"].id]
+    assert await run_export(rows["fresh"].id, **arguments) is None
+    assert await run_export(rows["stale"].id, **arguments) is DicomExportStatus.DONE
