@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     allowed_content_types: Annotated[list[str], NoDecode] = ["image/png"]
     max_slices_per_call: int = Field(5000, ge=1)
     max_slice_count: int = Field(100_000, ge=1, le=100_000)
+    view_url_secret: str = ""
+    view_url_ttl: int = Field(300, ge=10, le=86_400)
 
     auth_disabled: bool = False
     oidc_issuer: str | None = None

@@ -233,7 +233,7 @@ def _remove_tree(directory: str) -> int:
     return count
 
 
-def _load_or_create_secret(path: Path) -> bytes:
+def load_or_create_secret(path: Path) -> bytes:
     if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.part")
@@ -267,7 +267,7 @@ class LocalStorage:
     def from_settings(cls, settings: Settings) -> LocalStorage:
         root = settings.resolved_local_storage_dir
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        secret = settings.local_storage_secret.encode() or _load_or_create_secret(
+        secret = settings.local_storage_secret.encode() or load_or_create_secret(
             settings.var_dir / "storage-secret"
         )
         base_url = settings.resolved_public_base_url + "/storage/"

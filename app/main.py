@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import DisableIntrospection
 
@@ -20,6 +20,8 @@ from app.config import Settings
 from app.db import create_engine, create_sessionmaker
 from app.dicom import routes as dicom_routes
 from app.dicom.background import TaskSet
+from app.events import create_event_bus
+from app.graphql.live import LiveGraphQL
 from app.graphql.schema import create_schema
 from app.graphql.view import graphql_endpoint
 from app.local_storage import ROUTE_METHODS, ROUTE_PATH, LocalStorage
@@ -28,6 +30,7 @@ from app.routes import healthz, local_object, readyz, view_mask
 from app.s3 import S3Storage
 from app.state import LifespanState, Services
 from app.storage import Storage
+from app.view_urls import ViewUrlSigner
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -76,6 +79,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     schema = create_schema(extensions=extensions)
     routes = [
         Route("/graphql", graphql_endpoint(schema), methods=["GET", "POST"]),
+        WebSocketRoute("/graphql", LiveGraphQL(schema, settings)),
         Route("/api/mask-group/{group_id:int}/view", view_mask, methods=["GET"]),
         *dicom_routes.ROUTES,
         Route("/healthz", healthz, methods=["GET"]),
@@ -90,8 +94,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         oidc = OidcVerifier.from_config(oidc_config) if oidc_config else None
         engine = create_engine(settings.resolved_database_url)
         background = TaskSet()
+        events = create_event_bus(engine)
         try:
             storage = await open_storage(settings)
+            await events.start()
             try:
                 yield {
                     "services": Services(
@@ -101,10 +107,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
                         storage=storage,
                         oidc=oidc,
                         background=background,
+                        events=events,
+                        view_urls=ViewUrlSigner.from_settings(settings),
                     )
                 }
             finally:
                 await background.aclose()
+                await events.aclose()
                 await storage.aclose()
         finally:
             await engine.dispose()

@@ -46,10 +46,16 @@ async def authentication_refusal(request: Request) -> Response | None:
 
 async def view_mask(request: Request) -> Response:
     """Streams one stored mask image through the server (same-origin for the viewer)."""
-    if (refusal := await authentication_refusal(request)) is not None:
-        return refusal
     services = services_of(request)
     group_id: int = request.path_params["group_id"]
+    seconds_left = None
+    if "signature" in request.query_params:
+        # A signed viewUrl (app/view_urls.py) stands for the bearer token for this one image.
+        seconds_left = services.view_urls.seconds_left(group_id, request.query_params)
+        if seconds_left is None:
+            return PlainTextResponse("invalid or expired view URL", status_code=403)
+    elif (refusal := await authentication_refusal(request)) is not None:
+        return refusal
     slice_param = request.query_params.get("slice", "")
     label = request.query_params.get("label") or None
     if not slice_param.isdigit() or (label is not None and not LABEL_PATTERN.match(label)):
@@ -59,7 +65,9 @@ async def view_mask(request: Request) -> Response:
     if row is None:
         return PlainTextResponse("no such mask", status_code=404)
     etag = f'"{row.checksum.removeprefix("md5:")}"'
-    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
+    # A signed URL names one image until it expires: the browser may reuse it until then.
+    cache = f"private, max-age={seconds_left}" if seconds_left else "private, no-cache"
+    headers = {"ETag": etag, "Cache-Control": cache}
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     try:

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 
 from app.config import Settings
 from app.dicom.background import TaskSet
+from app.events import EventBus
 from app.oidc import OidcVerifier
 from app.storage import Storage
+from app.view_urls import ViewUrlSigner
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,13 +26,15 @@ class Services:
     oidc: OidcVerifier | None
     # Tasks this process started in the background (DICOM exports), cancelled at shutdown.
     background: TaskSet
+    events: EventBus
+    view_urls: ViewUrlSigner
 
 
 class LifespanState(TypedDict):
     services: Services
 
 
-def services_of(request: Request) -> Services:
+def services_of(request: HTTPConnection) -> Services:
     services = request.state.services
     if not isinstance(services, Services):
         raise TypeError("the app was started without its lifespan")

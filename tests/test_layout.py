@@ -121,6 +121,8 @@ LAYERS = [
             "app.tokens",
             "app.audit",
             "app.oidc",
+            "app.events",
+            "app.view_urls",
             # DICOM SEG: domain reads, storage and the PACS; transport calls it.
             "app.dicom",
             "app.dicom.background",

@@ -8,9 +8,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.audit import Actor
 from app.config import Settings
 from app.dicom.background import TaskSet
+from app.events import EventBus
 from app.graphql.loaders import Loaders
 from app.principals import Principal
 from app.storage import Storage
+from app.view_urls import ViewUrlSigner
 
 
 @dataclass
@@ -20,6 +22,8 @@ class Context:
     storage: Storage
     actor: Actor
     background: TaskSet
+    events: EventBus
+    view_urls: ViewUrlSigner
     loaders: Loaders = field(init=False)
 
     def __post_init__(self) -> None:

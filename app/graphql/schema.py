@@ -12,9 +12,11 @@ from app.audit import AuditFilter, list_audit_events
 from app.completion import CompletedSlice, complete_upload
 from app.db import transaction
 from app.deletion import delete_mask_group, purge, settle_purge
+from app.events import EventKind, MaskGroupEvent, group_state
 from app.graphql.context import Info
 from app.graphql.dicom import DicomMutation
 from app.graphql.execution import FastListExecutionContext
+from app.graphql.live import Subscription
 from app.graphql.types import (
     SCALARS,
     Annotation,
@@ -73,7 +75,7 @@ class Query:
     @strawberry.field
     async def mask(self, info: Info, id: strawberry.ID) -> Mask | None:
         row = await info.context.loaders.mask.load(parse_id("id", id))
-        return Mask.from_row(row) if row is not None else None
+        return Mask.with_view_urls(row, info.context.view_urls) if row is not None else None
 
     @strawberry.field(description="who the bearer token belongs to")
     def me(self, info: Info) -> Principal:
@@ -113,6 +115,7 @@ class Mutation(DicomMutation):
         fields = fields_of(input, annotation_id=parse_id("annotationId", input.annotation_id))
         async with transaction(context.sessionmaker) as session:
             group = await create_mask_group(session, context.settings, context.actor, **fields)
+            await context.events.publish(session, MaskGroupEvent.of(EventKind.CREATED, group))
         return MaskGroup.from_row(group)
 
     @strawberry.mutation(
@@ -162,9 +165,11 @@ class Mutation(DicomMutation):
                 slices=batch,
                 now=utcnow(),
             )
+            event = MaskGroupEvent.of(EventKind.SLICES_COMPLETED, group)
+            await context.events.publish(session, event)
         return CompleteMaskUploadPayload(
             mask_group=MaskGroup.from_row(group),
-            masks=[Mask.from_row(mask) for mask in registered],
+            masks=[Mask.with_view_urls(mask, context.view_urls) for mask in registered],
         )
 
     @strawberry.mutation(
@@ -173,9 +178,12 @@ class Mutation(DicomMutation):
     async def delete_mask_group(self, info: Info, id: strawberry.ID) -> DeleteMaskGroupPayload:
         context = info.context
         async with transaction(context.sessionmaker) as session:
+            deleted = await group_state(session, parse_id("id", id))
             deletion = await delete_mask_group(
                 session, context.actor, group_id=parse_id("id", id), now=utcnow()
             )
+            if deleted is not None:
+                await context.events.publish(session, MaskGroupEvent.of(EventKind.DELETED, deleted))
         outcome = await purge(context.storage, deletion)
         async with transaction(context.sessionmaker) as session:
             await settle_purge(session, deletion, outcome, now=utcnow())
@@ -198,7 +206,11 @@ class Schema(strawberry.Schema):
 def create_schema(**options: Any) -> Schema:
     options.setdefault("execution_context_class", FastListExecutionContext)
     return Schema(
-        query=Query, mutation=Mutation, config=StrawberryConfig(scalar_map=SCALARS), **options
+        query=Query,
+        mutation=Mutation,
+        subscription=Subscription,
+        config=StrawberryConfig(scalar_map=SCALARS),
+        **options,
     )
 
 

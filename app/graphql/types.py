@@ -5,13 +5,13 @@ import enum
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, ClassVar, NewType, Self, TypeVar
-from urllib.parse import urlencode
 
 import strawberry
 from strawberry.scalars import JSON
 from strawberry.schema.name_converter import NameConverter
 from strawberry.types.base import StrawberryOptional
 from strawberry.types.enum import StrawberryEnumDefinition
+from strawberry.types.private import is_private
 from strawberry.types.scalar import ScalarDefinition
 
 from app.graphql.context import Info
@@ -22,6 +22,7 @@ from app.principals import Role
 from app.storage import SignedRequest
 from app.upload_urls import UploadTarget
 from app.validation import check_page, signed_url_ttl
+from app.view_urls import ViewUrlSigner
 
 DomainT = TypeVar("DomainT")
 
@@ -102,7 +103,7 @@ class FromRow:
             plan = [
                 (field.python_name, _row_converter(field.type))
                 for field in cls.__strawberry_definition__.fields  # type: ignore[attr-defined]
-                if field.base_resolver is None
+                if field.base_resolver is None and not is_private(field.type)
             ]
             FromRow._row_plans[cls] = plan
         return cls(**{name: convert(getattr(row, name)) for name, convert in plan})
@@ -234,7 +235,7 @@ class MaskGroup(FromRow):
         check_page(limit, offset)
         mask_filter = MaskFilter(slice_index_from, slice_index_to, label_name, limit, offset)
         rows = await info.context.loaders.masks_of_group.load((int(self.id), mask_filter))
-        return [Mask.from_row(row) for row in rows]
+        return [Mask.with_view_urls(row, info.context.view_urls) for row in rows]
 
 
 @strawberry.type
@@ -255,6 +256,13 @@ class Mask(FromRow):
     width: int | None
     height: int | None
     created_at: datetime
+    view_urls: strawberry.Private[ViewUrlSigner | None] = None
+
+    @classmethod
+    def with_view_urls(cls, row: Any, view_urls: ViewUrlSigner) -> Mask:
+        mask = cls.from_row(row)
+        mask.view_urls = view_urls
+        return mask
 
     @strawberry.field(description="presigned GET for the stored object")
     def download_url(self, info: Info, ttl_seconds: int | None = None) -> SignedUrl:
@@ -264,13 +272,18 @@ class Mask(FromRow):
 
     @strawberry.field(
         description="same-origin path that streams the image through the server: "
-        "/api/mask-group/{groupId}/view?slice=N[&label=L]"
+        "/api/mask-group/{groupId}/view?slice=N[&label=L]&expires=E&signature=S, signed for "
+        "VIEW_URL_TTL seconds so that an <img> loads it without an Authorization header"
     )
     def view_url(self) -> str:
-        query: dict[str, str | int] = {"slice": self.slice_index}
-        if self.label_name:
-            query["label"] = self.label_name
-        return f"/api/mask-group/{self.mask_group_id}/view?{urlencode(query)}"
+        if self.view_urls is None:
+            raise TypeError("Mask built without Mask.with_view_urls")
+        return self.view_urls.url(
+            self.mask_group_id,
+            self.slice_index,
+            self.label_name,
+            self.view_urls.current_expiry(),
+        )
 
 
 @strawberry.type

@@ -213,6 +213,8 @@ async def _serve_graphql(schema: Schema, request: Request) -> Response:
             client_ip=client.host if client else None,
             user_agent=request.headers.get("user-agent"),
         ),
+        events=services.events,
+        view_urls=services.view_urls,
     )
     result = await schema.execute(
         query, variable_values=variables, context_value=context, operation_name=operation_name
