@@ -16,7 +16,7 @@ import pydicom
 from conftest import Stack, reset
 from flows import create_annotation as create_plain_annotation
 from flows import create_group, upload
-from pacs_flows import create_annotation, synthetic_masks, upload_group
+from pacs_flows import create_annotation, export, synthetic_masks, upload_group
 from pacs_server import CtSeries
 
 BIN = Path(sys.executable).parent
@@ -87,7 +87,7 @@ async def test_download_without_a_pacs_says_so(sqlite_local_stack: Stack) -> Non
         await reset(stack)
 
 
-def _cli_env(stack: Stack) -> dict[str, str]:
+def _cli_env(stack: Stack, *, pacs: bool = False) -> dict[str, str]:
     settings = stack.settings
     env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG") if key in os.environ}
     env.update(
@@ -96,14 +96,20 @@ def _cli_env(stack: Stack) -> dict[str, str]:
         STORAGE_PROVIDER="local",
         PUBLIC_BASE_URL=stack.base_url,
     )
+    if pacs:
+        env.update(
+            DICOMWEB_URL=settings.dicomweb_url or "",
+            DICOMWEB_USERNAME=settings.dicomweb_username or "",
+            DICOMWEB_PASSWORD=settings.dicomweb_password or "",
+        )
     return env
 
 
-async def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+async def _cli(stack: Stack, *args: str, pacs: bool = False) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
         subprocess.run,
         [str(BIN / "pacs-masks"), *args],
-        env=_cli_env(stack),
+        env=_cli_env(stack, pacs=pacs),
         capture_output=True,
         text=True,
         check=False,
@@ -147,6 +153,23 @@ async def test_cli_export_and_import_with_a_source_folder(
     )
     assert imported.returncode == 0, imported.stderr
     assert "slices" in imported.stdout
+
+    # The same from the PACS: export there, then import by the SEG's UIDs.
+    done = await export(pstack, group_id)
+    assert done["status"] == "DONE", done
+    from_pacs = await _cli(
+        pstack,
+        "import-seg",
+        "--annotation",
+        annotation_id,
+        "--series",
+        done["seriesInstanceUid"],
+        "--sop",
+        done["sopInstanceUid"],
+        pacs=True,
+    )
+    assert from_pacs.returncode == 0, from_pacs.stderr
+    assert f"from SEG {done['sopInstanceUid']}: 24 slices" in from_pacs.stdout
 
     missing = await _cli(pstack, "export-seg", "999999", "--out", str(out), "--source-dir", "/")
     assert missing.returncode == 1

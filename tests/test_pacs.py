@@ -304,6 +304,16 @@ async def test_import_refuses_what_is_not_a_seg_of_the_series(
     )
     assert error["extensions"]["code"] == "DICOM_MISMATCH"
     assert "not a DICOM Segmentation" in error["message"]
+    reader = await pstack.error(
+        IMPORT,
+        {"annotationId": annotation_id, "series": "1.2.3", "sop": "1.2.3.4"},
+        as_="reader",
+    )
+    assert reader["extensions"]["code"] == "FORBIDDEN"
+    bad_uid = await pstack.error(
+        IMPORT, {"annotationId": annotation_id, "series": "1.2.3", "sop": "01.x"}
+    )
+    assert bad_uid["extensions"]["code"] == "BAD_USER_INPUT"
     missing = await pstack.error(
         IMPORT, {"annotationId": annotation_id, "series": "1.2.3", "sop": "1.2.3.4"}
     )
