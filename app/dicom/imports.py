@@ -345,8 +345,11 @@ async def _create_group(
                 await _upload_batch(
                     sessionmaker, storage, settings, actor, client, group_id, pngs, source
                 )
-    except BaseException:
+    except BaseException as error:
         await _discard(sessionmaker, storage, actor, group_id)
+        if isinstance(error, ValueError):
+            # highdicom's word for frames that do not fit their references.
+            raise DicomMismatch(f"the SEG's frames cannot be read: {error}") from error
         raise
     async with sessionmaker() as session:
         imported = await session.scalar(select(MaskGroup).where(MaskGroup.id == group_id))

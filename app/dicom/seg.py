@@ -247,7 +247,11 @@ async def build_seg(
         source,
     )
     source_images = [source.datasets[position] for position in used]
-    return await asyncio.to_thread(_segmentation, group, labels, volume, source_images)
+    try:
+        return await asyncio.to_thread(_segmentation, group, labels, volume, source_images)
+    except (ValueError, AttributeError) as error:
+        # highdicom checks the source instances (required attributes, geometry).
+        raise DicomMismatch(f"the SEG cannot be built from the source series: {error}") from error
 
 
 def _segmentation(
