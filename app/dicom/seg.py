@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
@@ -98,17 +99,17 @@ class _Volume:
         self.segments = segments
         self.array: np.ndarray[Any, Any] = np.zeros((frames, rows, columns), np.uint8)
         self.is_stacked = False
+        # Masks are added from decoding threads; two labels of one slice share a plane.
+        self._lock = threading.Lock()
 
     def add(self, frame: int, segment: int, mask: np.ndarray[Any, Any]) -> None:
-        if self.is_stacked:
-            self.array[frame, :, :, segment - 1] |= mask
-            return
-        plane = self.array[frame]
-        if np.any(plane[mask] != 0):
-            self._stack()
-            self.add(frame, segment, mask)
-            return
-        plane[mask] = segment
+        with self._lock:
+            if not self.is_stacked and np.logical_and(self.array[frame], mask).any():
+                self._stack()
+            if self.is_stacked:
+                self.array[frame, :, :, segment - 1] |= mask
+            else:
+                np.putmask(self.array[frame], mask, segment)
 
     def _stack(self) -> None:
         labels = self.array
@@ -170,16 +171,16 @@ async def _decode_all(
     source: SourceSeries,
 ) -> None:
     gate = asyncio.Semaphore(FETCH_CONCURRENCY)
-    # Writes into the volume happen on the event loop, one at a time; decoding is threaded.
-    write_lock = asyncio.Lock()
+
+    def decode_into(data: bytes, where: str, frame: int, segment: int) -> None:
+        volume.add(frame, segment, decode_mask(data, where, source.rows, source.columns))
 
     async def one(mask: MaskRef, frame: int, segment: int) -> None:
         where = _where(mask)
         async with gate:
             data = await _read(storage, mask.file_path, where)
-            plane = await asyncio.to_thread(decode_mask, data, where, source.rows, source.columns)
-        async with write_lock:
-            volume.add(frame, segment, plane)
+            # Decoding and writing into the volume stay off the event loop.
+            await asyncio.to_thread(decode_into, data, where, frame, segment)
 
     tasks = [
         asyncio.ensure_future(one(mask, frame, segment))
