@@ -38,7 +38,13 @@ from app.db import transaction
 from app.deletion import delete_mask_group, purge, settle_purge
 from app.dicom.errors import DicomMismatch
 from app.dicom.pacs import Pacs
-from app.dicom.seg import SegSegment, iter_planes, read_segments, referenced_series
+from app.dicom.seg import (
+    SegSegment,
+    check_fits,
+    iter_planes,
+    read_segments,
+    referenced_series,
+)
 from app.dicom.source import SourceSeries, read_source_dir
 from app.errors import BadUserInput, NotFound, StorageUnavailable
 from app.models import Annotation, MaskGroup, utcnow
@@ -282,6 +288,7 @@ async def _import_seg(
     else:
         assert pacs is not None
         source = await pacs.source_series(study, source_series)
+    await loop.run_in_executor(seg_thread, check_fits, seg, source)
     return await _create_group(
         sessionmaker,
         storage,

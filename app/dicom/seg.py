@@ -333,12 +333,13 @@ def referenced_series(seg: hd.seg.Segmentation) -> str | None:
     return None
 
 
-def iter_planes(
-    seg: hd.seg.Segmentation, source: SourceSeries, segments: Sequence[SegSegment]
-) -> Iterator[tuple[int, list[np.ndarray[Any, Any]]]]:
-    """(source position, one boolean plane per segment) for every source instance."""
-    referenced = {str(sop) for _study, _series, sop in seg.get_source_image_uids()}
-    unknown = referenced - set(source.index_by_sop)
+def _referenced_instances(seg: hd.seg.Segmentation) -> set[str]:
+    return {str(sop) for _study, _series, sop in seg.get_source_image_uids()}
+
+
+def check_fits(seg: hd.seg.Segmentation, source: SourceSeries) -> None:
+    """Refuses, in words, a SEG that does not lie on the source series."""
+    unknown = _referenced_instances(seg) - set(source.index_by_sop)
     if unknown:
         raise DicomMismatch(
             f"the SEG refers to {len(unknown)} instance(s) that are not in source series "
@@ -348,6 +349,14 @@ def iter_planes(
         raise DicomMismatch(
             f"the SEG is {seg.Columns}x{seg.Rows}, its source series {source.columns}x{source.rows}"
         )
+
+
+def iter_planes(
+    seg: hd.seg.Segmentation, source: SourceSeries, segments: Sequence[SegSegment]
+) -> Iterator[tuple[int, list[np.ndarray[Any, Any]]]]:
+    """(source position, one boolean plane per segment; a non-zero value is inside) for every
+    source instance, READ_CHUNK instances decoded at a time."""
+    referenced = _referenced_instances(seg)
     numbers = [segment.number for segment in segments]
     uids = [str(dataset.SOPInstanceUID) for dataset in source.datasets]
     empty = np.zeros((source.rows, source.columns), np.bool_)
