@@ -8,8 +8,7 @@ from app.db import transaction
 from app.dicom.export import request_export, run_export
 from app.dicom.imports import import_seg
 from app.graphql.context import Info
-from app.graphql.dicom_types import DicomExport
-from app.graphql.types import MaskGroup
+from app.graphql.types import DicomExport, MaskGroup
 from app.models import DicomExportStatus, utcnow
 from app.validation import parse_id
 

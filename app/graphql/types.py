@@ -15,7 +15,6 @@ from strawberry.types.private import is_private
 from strawberry.types.scalar import ScalarDefinition
 
 from app.graphql.context import Info
-from app.graphql.dicom_types import DicomExport
 from app.graphql.loaders import MaskFilter
 from app.models import utcnow
 from app.principals import Role
@@ -178,6 +177,33 @@ class Annotation(FromRow):
     async def mask_groups(self, info: Info) -> list[MaskGroup]:
         rows = await info.context.loaders.groups_of_annotation.load(int(self.id))
         return [MaskGroup.from_row(row) for row in rows]
+
+
+@strawberry.enum
+class DicomExportStatus(enum.Enum):
+    PENDING = strawberry.enum_value("PENDING", description="requested, not yet claimed")
+    RUNNING = strawberry.enum_value("RUNNING", description="a worker is building or storing it")
+    DONE = strawberry.enum_value("DONE", description="stored in the PACS and listed by it")
+    FAILED = strawberry.enum_value("FAILED", description="see error; asking again retries")
+
+
+@strawberry.type
+class DicomExport(FromRow):
+    status: DicomExportStatus
+    series_instance_uid: str | None = strawberry.field(
+        description="the DICOM SEG instance written (null until DONE)"
+    )
+    sop_instance_uid: str | None
+    segment_count: int | None = strawberry.field(
+        description="number of segments and frames in the SEG"
+    )
+    frame_count: int | None
+    requested_at: datetime
+    finished_at: datetime | None
+    error: str | None = strawberry.field(
+        description="why it failed, in words (source series not found in the PACS, slice "
+        "count differs, ...)"
+    )
 
 
 @strawberry.type
