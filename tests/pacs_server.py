@@ -7,11 +7,13 @@ port off and a test user (so the client's basic auth is exercised); it is stoppe
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import http.client
 import json
 import secrets
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -203,17 +205,14 @@ def synthetic_ct_series(slices: int = 24, size: int = 64, *, tilted: bool = True
     return CtSeries(study, series, datasets)
 
 
-def orthanc_environment(server: OrthancServer) -> dict[str, str]:
-    return {
-        "DICOMWEB_URL": server.dicomweb_url,
-        "DICOMWEB_USERNAME": server.username,
-        "DICOMWEB_PASSWORD": server.password,
-    }
-
-
-# A loopback port nothing listens on: the unreachable PACS.
-def closed_port_url() -> str:
-    return f"http://127.0.0.1:{_free_port()}/dicom-web"
+async def dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy's (dicom3tools) error lines for a DICOM file; its warnings are allowed."""
+    if shutil.which("dciodvfy") is None:
+        _unavailable("dciodvfy is not installed (apt-get install dicom3tools)")
+    checked = await asyncio.to_thread(
+        subprocess.run, ["dciodvfy", str(path)], capture_output=True, text=True, check=False
+    )
+    return [line for line in checked.stderr.splitlines() if line.startswith("Error")]
 
 
 def dicomweb_client(server: OrthancServer) -> DICOMwebClient:

@@ -17,7 +17,7 @@ from conftest import Stack, reset
 from flows import create_annotation as create_plain_annotation
 from flows import create_group, upload
 from pacs_flows import create_annotation, export, synthetic_masks, upload_group
-from pacs_server import CtSeries
+from pacs_server import CtSeries, dciodvfy_errors
 
 BIN = Path(sys.executable).parent
 
@@ -136,10 +136,7 @@ async def test_cli_export_and_import_with_a_source_folder(
     assert f"SEG of mask group {group_id} written to {out}" in exported.stdout
     seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(out))
     assert seg.SegmentSequence[0].SegmentLabel == "liver"
-    checked = await asyncio.to_thread(
-        subprocess.run, ["dciodvfy", str(out)], capture_output=True, text=True, check=False
-    )
-    assert [line for line in checked.stderr.splitlines() if line.startswith("Error")] == []
+    assert await dciodvfy_errors(out) == []
 
     imported = await _cli(
         pstack,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from pacs_flows import (
 from pacs_server import (
     CtSeries,
     OrthancServer,
+    dciodvfy_errors,
     dicomweb_client,
     store_series,
     synthetic_ct_series,
@@ -106,11 +106,7 @@ async def test_export_by_geometry_is_a_valid_seg_the_pacs_lists(
     dataset = await asyncio.to_thread(retrieve_seg, orthanc, series.study_instance_uid, done)
     path = tmp_path / "seg.dcm"
     dataset.save_as(path, enforce_file_format=True)
-    checked = await asyncio.to_thread(
-        subprocess.run, ["dciodvfy", str(path)], capture_output=True, text=True, check=False
-    )
-    errors = [line for line in checked.stderr.splitlines() if line.startswith("Error")]
-    assert errors == [], checked.stderr
+    assert await dciodvfy_errors(path) == []
     seg = hd.seg.Segmentation.from_dataset(dataset)
     assert [item.SegmentLabel for item in seg.SegmentSequence] == ["liver", "tumor"]
     for item in seg.SegmentSequence:
