@@ -26,6 +26,7 @@ from app.cli_failures import (
 )
 from app.config import Settings
 from app.db import create_sessionmaker, transaction, upgrade_database
+from app.dicom import cli as dicom_cli
 from app.errors import NotFound
 from app.graphql.schema import schema
 from app.jobs import JobContext, JobRunner, owner_name
@@ -219,6 +220,12 @@ def _list_tokens(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _dicom(settings: Settings, args: argparse.Namespace) -> int:
+    code, line = dicom_cli.run(settings, args, _cli_actor())
+    print(line, file=sys.stderr if code else sys.stdout)
+    return code
+
+
 def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -276,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list-tokens", help="list API tokens (never their secrets)")
     listing.set_defaults(handler=_list_tokens)
+
+    dicom_cli.add_commands(commands)
+    for name in ("export-seg", "import-seg"):
+        commands.choices[name].set_defaults(handler=_dicom)
     return parser
 
 

@@ -78,6 +78,14 @@ class Settings(BaseSettings):
     # default, so a client cannot choose the clientIp the audit log records.
     forwarded_allow_ips: Annotated[list[str], NoDecode] = []
 
+    # The PACS's DICOMweb root (QIDO-RS, WADO-RS, STOW-RS); without it DICOM SEG export to
+    # and import from a PACS answer PACS_NOT_CONFIGURED.
+    dicomweb_url: str | None = None
+    dicomweb_username: str | None = None
+    dicomweb_password: str | None = None
+    dicomweb_token: str | None = None
+    dicomweb_timeout: float = Field(60.0, gt=0)
+
     public_base_url: str = ""
     cors_origins: Annotated[list[str], NoDecode] = []
     host: str = "127.0.0.1"

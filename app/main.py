@@ -20,6 +20,8 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker
+from app.dicom import routes as dicom_routes
+from app.dicom.background import TaskSet
 from app.events import create_event_bus
 from app.graphql.live import LiveGraphQL
 from app.graphql.schema import create_schema
@@ -100,6 +102,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/graphql", graphql_endpoint(schema), methods=["GET", "POST"]),
         WebSocketRoute("/graphql", LiveGraphQL(schema, settings)),
         Route("/api/mask-group/{group_id:int}/view", view_mask, methods=["GET"]),
+        *dicom_routes.ROUTES,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         *static_routes(settings),
@@ -112,6 +115,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         oidc_config = OidcConfig.from_settings(settings)
         oidc = OidcVerifier.from_config(oidc_config) if oidc_config else None
         engine = create_engine(settings.resolved_database_url)
+        background = TaskSet()
         events = create_event_bus(engine)
         try:
             storage = await open_storage(settings)
@@ -127,12 +131,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
                         sessionmaker=sessionmaker,
                         storage=storage,
                         oidc=oidc,
+                        background=background,
                         events=events,
                         view_urls=ViewUrlSigner.from_settings(settings),
                     )
                 }
             finally:
                 await runner.stop()
+                await background.aclose()
                 await events.aclose()
                 await storage.aclose()
         finally:

@@ -244,3 +244,38 @@ class AuditEvent(Base):
     client_ip: Mapped[str | None] = mapped_column(String(64))
     user_agent: Mapped[str | None] = mapped_column(String(512))
     detail: Mapped[Any] = mapped_column(JSON, nullable=True)
+
+
+class DicomExportStatus(enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+class DicomExport(Base):
+    """One request to export a mask group as DICOM SEG to the PACS, claimed by a worker with
+    FOR UPDATE SKIP LOCKED; the latest row of a group is its `dicomExport` status."""
+
+    __tablename__ = "dicom_export"
+    __table_args__ = NO_ID_REUSE
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mask_group_id: Mapped[int] = mapped_column(
+        ForeignKey("annotation_mask_group.id", ondelete="CASCADE"), index=True
+    )
+    status: Mapped[DicomExportStatus] = mapped_column(
+        Enum(DicomExportStatus, native_enum=False, length=16, validate_strings=True), index=True
+    )
+    requested_by: Mapped[str | None] = mapped_column(Text)
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Set when a worker claims the row; a RUNNING row whose claim is older than the stale
+    # limit belonged to a worker that died and may be claimed again.
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    segment_count: Mapped[int | None] = mapped_column(Integer)
+    frame_count: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)

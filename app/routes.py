@@ -33,6 +33,18 @@ async def readyz(request: Request) -> Response:
     return JSONResponse(states, status_code=200 if ready else 503)
 
 
+async def authentication_refusal(request: Request) -> Response | None:
+    """The answer for a caller who cannot be authenticated (401, or 500 with the request id
+    when authentication itself failed); None for one who can."""
+    try:
+        await authenticate_request(request)
+    except Unauthenticated as error:
+        return PlainTextResponse(error.message, status_code=401, headers=CHALLENGE)
+    except AuthenticationUnavailable as error:
+        return PlainTextResponse(error.message, status_code=500)
+    return None
+
+
 async def view_mask(request: Request) -> Response:
     """Streams one stored mask image through the server (same-origin for the viewer)."""
     services = services_of(request)
@@ -43,13 +55,8 @@ async def view_mask(request: Request) -> Response:
         seconds_left = services.view_urls.seconds_left(group_id, request.query_params)
         if seconds_left is None:
             return PlainTextResponse("invalid or expired view URL", status_code=403)
-    else:
-        try:
-            await authenticate_request(request)
-        except Unauthenticated as error:
-            return PlainTextResponse(error.message, status_code=401, headers=CHALLENGE)
-        except AuthenticationUnavailable as error:
-            return PlainTextResponse(error.message, status_code=500)
+    elif (refusal := await authentication_refusal(request)) is not None:
+        return refusal
     slice_param = request.query_params.get("slice", "")
     label = request.query_params.get("label") or None
     if not slice_param.isdigit() or (label is not None and not LABEL_PATTERN.match(label)):

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection, Request
 
 from app.config import Settings
+from app.dicom.background import TaskSet
 from app.events import EventBus
 from app.oidc import OidcVerifier
 from app.storage import Storage
@@ -23,6 +24,8 @@ class Services:
     sessionmaker: async_sessionmaker[AsyncSession]
     storage: Storage
     oidc: OidcVerifier | None
+    # Tasks this process started in the background (DICOM exports), cancelled at shutdown.
+    background: TaskSet
     events: EventBus
     view_urls: ViewUrlSigner
 

@@ -34,7 +34,7 @@ from app.state import Services
 from app.storage import Storage
 from app.tokens import create_token
 
-pytest_plugins = ["storage_servers"]
+pytest_plugins = ["storage_servers", "pacs_server", "pacs_flows"]
 
 if TYPE_CHECKING:
     from storage_servers import MotoServer

@@ -7,6 +7,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.audit import Actor
 from app.config import Settings
+from app.dicom.background import TaskSet
 from app.events import EventBus
 from app.graphql.loaders import Loaders
 from app.principals import Principal
@@ -20,6 +21,7 @@ class Context:
     sessionmaker: async_sessionmaker[AsyncSession]
     storage: Storage
     actor: Actor
+    background: TaskSet
     events: EventBus
     view_urls: ViewUrlSigner
     loaders: Loaders = field(init=False)

@@ -230,6 +230,7 @@ class LiveGraphQL(GraphQL[LiveContext, None]):
             settings=services.settings,
             sessionmaker=services.sessionmaker,
             storage=services.storage,
+            background=services.background,
             actor=Actor(
                 principal=NOT_YET_AUTHENTICATED,
                 request_id=uuid.uuid4().hex,

@@ -14,6 +14,7 @@ from app.db import transaction
 from app.deletion import delete_mask_group, purge, settle_purge
 from app.events import EventKind, MaskGroupEvent, group_state
 from app.graphql.context import Info
+from app.graphql.dicom import DicomMutation
 from app.graphql.execution import FastListExecutionContext
 from app.graphql.live import Subscription
 from app.graphql.types import (
@@ -101,7 +102,7 @@ class Query:
 
 
 @strawberry.type
-class Mutation:
+class Mutation(DicomMutation):
     @strawberry.mutation
     async def create_annotation(self, info: Info, input: CreateAnnotationInput) -> Annotation:
         async with transaction(info.context.sessionmaker) as session:

@@ -126,7 +126,8 @@ class AuditEvent(FromRow):
     actor: str
     action: str = strawberry.field(
         description="annotation.create, mask_group.create, upload_urls.issue, upload.complete, "
-        "mask_group.delete, token.create, token.revoke"
+        "mask_group.delete, token.create, token.revoke, mask_group.export_seg, "
+        "mask_group.import_seg"
     )
     annotation_id: strawberry.ID | None
     mask_group_id: strawberry.ID | None
@@ -178,6 +179,33 @@ class Annotation(FromRow):
         return [MaskGroup.from_row(row) for row in rows]
 
 
+@strawberry.enum
+class DicomExportStatus(enum.Enum):
+    PENDING = strawberry.enum_value("PENDING", description="requested, not yet claimed")
+    RUNNING = strawberry.enum_value("RUNNING", description="a worker is building or storing it")
+    DONE = strawberry.enum_value("DONE", description="stored in the PACS and listed by it")
+    FAILED = strawberry.enum_value("FAILED", description="see error; asking again retries")
+
+
+@strawberry.type
+class DicomExport(FromRow):
+    status: DicomExportStatus
+    series_instance_uid: str | None = strawberry.field(
+        description="the DICOM SEG instance written (null until DONE)"
+    )
+    sop_instance_uid: str | None
+    segment_count: int | None = strawberry.field(
+        description="number of segments and frames in the SEG"
+    )
+    frame_count: int | None
+    requested_at: datetime
+    finished_at: datetime | None
+    error: str | None = strawberry.field(
+        description="why it failed, in words (source series not found in the PACS, slice "
+        "count differs, ...)"
+    )
+
+
 @strawberry.type
 class MaskGroup(FromRow):
     id: strawberry.ID
@@ -205,6 +233,11 @@ class MaskGroup(FromRow):
     async def annotation(self, info: Info) -> Annotation:
         row = await info.context.loaders.annotation.load(int(self.annotation_id))
         return Annotation.from_row(row)
+
+    @strawberry.field(description="latest DICOM SEG export of this group; null if never exported")
+    async def dicom_export(self, info: Info) -> DicomExport | None:
+        row = await info.context.loaders.dicom_export.load(int(self.id))
+        return DicomExport.from_row(row) if row is not None else None
 
     @strawberry.field
     async def missing_slice_indexes(self, info: Info) -> list[int]:

@@ -198,6 +198,7 @@ async def _serve_graphql(schema: Schema, request: Request) -> Response:
         settings=settings,
         sessionmaker=services.sessionmaker,
         storage=services.storage,
+        background=services.background,
         actor=Actor(
             principal=principal,
             request_id=request_id,
