@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     dicomweb_password: str | None = None
     dicomweb_token: str | None = None
     dicomweb_timeout: float = Field(60.0, gt=0)
+    dicom_export_enabled: bool = True
+    # Exports also start at once when requested (the mutation wakes the job); the interval
+    # is how soon another replica, or a restarted one, takes over what is pending.
+    dicom_export_interval_seconds: float = Field(2.0, gt=0)
 
     public_base_url: str = ""
     cors_origins: Annotated[list[str], NoDecode] = []

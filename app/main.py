@@ -21,7 +21,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker
 from app.dicom import routes as dicom_routes
-from app.dicom.background import TaskSet
+from app.dicom.export import EXPORT_JOB, export_job
 from app.events import create_event_bus
 from app.graphql.live import LiveGraphQL
 from app.graphql.schema import create_schema
@@ -43,6 +43,15 @@ REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Background jobs every `serve` runs (see app.jobs): name, function, on/off and interval setting.
 JOBS = [
     Job("storage-cleanup", sweep_job, "cleanup_enabled", "cleanup_interval_seconds"),
+    # A short lease: a replica that dies mid-export must not hold the others off for long,
+    # and two runs at once are harmless (each export row is claimed by one run only).
+    Job(
+        EXPORT_JOB,
+        export_job,
+        "dicom_export_enabled",
+        "dicom_export_interval_seconds",
+        lease_seconds=120,
+    ),
 ]
 
 
@@ -115,7 +124,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
         oidc_config = OidcConfig.from_settings(settings)
         oidc = OidcVerifier.from_config(oidc_config) if oidc_config else None
         engine = create_engine(settings.resolved_database_url)
-        background = TaskSet()
         events = create_event_bus(engine)
         try:
             storage = await open_storage(settings)
@@ -131,14 +139,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
                         sessionmaker=sessionmaker,
                         storage=storage,
                         oidc=oidc,
-                        background=background,
+                        jobs=runner,
                         events=events,
                         view_urls=ViewUrlSigner.from_settings(settings),
                     )
                 }
             finally:
                 await runner.stop()
-                await background.aclose()
                 await events.aclose()
                 await storage.aclose()
         finally:

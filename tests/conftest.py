@@ -219,6 +219,8 @@ def base_settings(**overrides: Any) -> Settings:
         "allowed_content_types": ["image/png"],
         # Tests run the sweeper themselves, at the moments they choose.
         "cleanup_enabled": False,
+        # Only the PACS tests have exports to run (their stack switches the job on).
+        "dicom_export_enabled": False,
     }
     values.update(overrides)
     return Settings(**values)

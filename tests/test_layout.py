@@ -129,7 +129,6 @@ LAYERS = [
             "app.log_redaction",
             # DICOM SEG: domain reads, storage and the PACS; transport calls it.
             "app.dicom",
-            "app.dicom.background",
             "app.dicom.source",
             "app.dicom.pacs",
             "app.dicom.seg",

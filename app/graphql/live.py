@@ -230,7 +230,7 @@ class LiveGraphQL(GraphQL[LiveContext, None]):
             settings=services.settings,
             sessionmaker=services.sessionmaker,
             storage=services.storage,
-            background=services.background,
+            jobs=services.jobs,
             actor=Actor(
                 principal=NOT_YET_AUTHENTICATED,
                 request_id=uuid.uuid4().hex,

@@ -198,7 +198,7 @@ async def _serve_graphql(schema: Schema, request: Request) -> Response:
         settings=settings,
         sessionmaker=services.sessionmaker,
         storage=services.storage,
-        background=services.background,
+        jobs=services.jobs,
         actor=Actor(
             principal=principal,
             request_id=request_id,
