@@ -21,6 +21,7 @@ from app.auth import authenticate, bearer_token
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker
 from app.errors import Unauthenticated
+from app.graphql.cost import QueryCost
 from app.graphql.schema import create_schema
 from app.graphql.view import graphql_endpoint
 from app.models import Mask, utcnow
@@ -170,4 +171,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.oidc = OidcVerifier.from_config(oidc_config) if oidc_config else None
     extensions = [] if settings.graphql_introspection else [DisableIntrospection]
     app.state.schema = create_schema(extensions=extensions)
+    app.state.query_cost = QueryCost(
+        app.state.schema._schema, max_slices_per_call=settings.max_slices_per_call
+    )
     return app
