@@ -24,7 +24,7 @@ from app.errors import Unauthenticated
 from app.graphql.cost import QueryCost
 from app.graphql.schema import create_schema
 from app.graphql.view import graphql_endpoint
-from app.models import Mask, utcnow
+from app.models import MAX_ID, Mask, utcnow
 from app.oidc import OidcConfig, OidcVerifier
 from app.storage import LABEL_PATTERN, Storage, StorageError, create_storage
 
@@ -98,8 +98,13 @@ async def view_mask(request: Request) -> Response:
     group_id = request.path_params["group_id"]
     slice_param = request.query_params.get("slice", "")
     label = request.query_params.get("label") or None
-    if not slice_param.isdigit() or (label is not None and not LABEL_PATTERN.match(label)):
+    # isdigit() alone admits "²", which int() refuses.
+    if not (slice_param.isascii() and slice_param.isdigit()):
         return PlainTextResponse("slice must be a non-negative integer", status_code=400)
+    if label is not None and not LABEL_PATTERN.match(label):
+        return PlainTextResponse("label must match [A-Za-z0-9][A-Za-z0-9_-]{0,63}", status_code=400)
+    if group_id > MAX_ID or len(slice_param.lstrip("0")) > 10 or int(slice_param) > MAX_ID:
+        return PlainTextResponse("no such mask", status_code=404)  # beyond any stored id
     statement = select(Mask.file_path, Mask.mime_type, Mask.checksum).where(
         Mask.mask_group_id == group_id,
         Mask.slice_index == int(slice_param),

@@ -28,7 +28,9 @@ from app.errors import (
     StorageUnavailable,
     UploadIncomplete,
 )
+from app.json_input import validate_json_input
 from app.models import (
+    MAX_ID,
     Annotation,
     Mask,
     MaskGroup,
@@ -53,7 +55,8 @@ MASK = cast(Table, Mask.__table__)
 MASK_UPLOAD = cast(Table, MaskUpload.__table__)
 
 # DICOM PS3.5 §9.1: digits and dots, no leading zeros in a component, at most 64 characters.
-UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# \Z, not $: "$" also matches before a trailing newline.
+UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\Z")
 UID_MAX_LENGTH = 64
 SHORT_TEXT_MAX = 256
 DESCRIPTION_MAX = 4000
@@ -85,8 +88,11 @@ def validate_text(field: str, value: str | None, max_length: int = SHORT_TEXT_MA
 
 
 def parse_id(field: str, value: str) -> int:
-    if not value.isascii() or not value.isdigit() or len(value) > 18:
+    if not value.isascii() or not value.isdigit():
         raise BadUserInput(f"{field} is not a valid id: {value[:40]!r}", field=field)
+    # Beyond the id columns' range nothing exists (and PostgreSQL would refuse the query).
+    if len(value.lstrip("0")) > len(str(MAX_ID)) or int(value) > MAX_ID:
+        raise NotFound(f"{field} {value[:40]} does not exist", field=field)
     return int(value)
 
 
@@ -209,7 +215,9 @@ async def create_mask_group(
         mask_type=validate_text("maskType", mask_type, 64),
         description=validate_text("description", description, DESCRIPTION_MAX),
         confidence=confidence,
-        inference_parameters=inference_parameters,
+        inference_parameters=validate_json_input(
+            "inferenceParameters", inference_parameters, max_bytes=settings.max_json_input_bytes
+        ),
         created_by=actor.principal.user,
         created_at=utcnow(),
         status=MaskGroupStatus.PENDING,

@@ -17,7 +17,8 @@ from typing import Protocol
 from app.config import CONTENT_TYPE_EXTENSIONS, Settings
 
 KEY_ROOT = "mask"
-LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# \Z, not $: "$" also matches before a trailing newline, which would reach a key.
+LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 
 
 class StorageError(Exception):
