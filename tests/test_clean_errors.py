@@ -3,6 +3,8 @@ ids beyond the id columns (PostgreSQL's integer), odd view parameters."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import Stack
 from flows import create_annotation, create_group, upload
@@ -82,3 +84,27 @@ async def test_view_parameters(stack: Stack) -> None:
         response = await stack.client.get(path, params=params)
         assert response.status_code == status, (path, params)
         assert response.text.startswith(message), (path, params)
+
+
+async def test_text_the_databases_cannot_store_is_refused(stack: Stack) -> None:
+    # PostgreSQL refuses NUL in text; an unpaired surrogate is not UTF-8 on either database.
+    filters = "query($study: String) { annotations(studyInstanceUid: $study) { id } }"
+    create = "mutation($input: CreateAnnotationInput!) { createAnnotation(input: $input) { id } }"
+    cases = [
+        (filters, {"study": "1.2\u0000"}, "NUL"),
+        ('{ auditEvents(actor: "a\\u0000b") { id } }', {}, "NUL"),
+        (create, {"input": {"studyInstanceUid": "1.2", "label": "\ud800"}}, "surrogate"),
+        (create, {"input": {"studyInstanceUid": "1.2", "label": "a\u0000"}}, "NUL"),
+    ]
+    for query, variables, problem in cases:
+        # Python's json escapes the surrogate as \ud800, as a client library would.
+        body = json.dumps({"query": query, "variables": variables})
+        response = await stack.client.post(
+            "/graphql",
+            content=body,
+            headers={"Content-Type": "application/json", **stack.auth("admin")},
+        )
+        assert response.status_code == 400, response.text
+        error = response.json()["errors"][0]
+        assert error["extensions"]["code"] == "BAD_USER_INPUT"
+        assert problem in error["message"]

@@ -26,7 +26,7 @@ from app.errors import AppError, BadUserInput, StorageUnavailable, Unauthenticat
 from app.graphql.context import Context
 from app.graphql.limits import check_document
 from app.graphql.schema import Schema
-from app.graphql.variables import check_list_lengths
+from app.graphql.variables import check_list_lengths, check_text
 from app.models import utcnow
 from app.storage import StorageError
 
@@ -188,6 +188,7 @@ async def graphql_endpoint(request: Request) -> Response:
             if request.method == "GET" and operation.operation is not OperationType.QUERY:
                 raise RequestError(405, "only queries may be sent with GET", {"Allow": "POST"})
             check_list_lengths(operation, variables, max_items=settings.max_slices_per_call)
+            check_text(query, document, variables)
             state.query_cost.check(document, operation, variables, limit=settings.max_query_cost)
         principal = await _authenticate(request, settings)
     except RequestError as error:
