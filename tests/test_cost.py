@@ -126,6 +126,20 @@ async def test_exponentially_spreading_fragments_are_measured_in_linear_time(
     assert response.json()["errors"][0]["extensions"]["cost"] > 200_000
 
 
+async def test_long_chains_of_fragments_are_refused(sqlite_local_stack: Stack) -> None:
+    # Each walk over a spread chain recurses: 1000 links would exhaust the stack (a 500).
+    chain = " ".join(f"fragment C{link} on Query {{ ...C{link + 1} }}" for link in range(1000))
+    response = await post(
+        sqlite_local_stack.client,
+        f"{{ ...C0 }} {chain} fragment C1000 on Query {{ me {{ user }} }}",
+    )
+    assert response.status_code == 400
+    assert "more than 100 levels" in response.json()["errors"][0]["message"]
+    short = " ".join(f"fragment C{link} on Query {{ ...C{link + 1} }}" for link in range(20))
+    allowed = f"{{ ...C0 }} {short} fragment C20 on Query {{ me {{ user }} }}"
+    assert (await post(sqlite_local_stack.client, allowed)).json()["data"]["me"]["user"]
+
+
 async def test_list_bounds_limit_and_slice_ranges(tmp_path: Path, own_sqlite_url: str) -> None:
     settings = base_settings(
         database_url=own_sqlite_url, var_dir=tmp_path, auth_disabled=True, max_query_cost=100

@@ -148,7 +148,8 @@ class QueryCost:
         cost = self.cost(document, operation, variables, limit=limit)
         if cost > limit:
             raise QueryTooExpensive(
-                f"query cost is {cost}, above the limit of {limit} (MAX_QUERY_COST): ask for "
+                f"query cost is at least {cost}, above the limit of {limit} (MAX_QUERY_COST): "
+                "ask for "
                 "fewer fields or pass smaller `limit` or slice ranges to lists",
                 cost=cost,
                 maxCost=limit,

@@ -19,6 +19,9 @@ from graphql.error import GraphQLSyntaxError
 
 from app.errors import BadUserInput
 
+# Far more than any real document nests fragments; far fewer frames than the stack has.
+MAX_FRAGMENT_CHAIN = 100
+
 
 class QueryTooComplex(BadUserInput):
     pass
@@ -42,7 +45,7 @@ def check_document(
     walk = _Walk(fragments, max_aliases)
     for definition in document.definitions:
         if isinstance(definition, OperationDefinitionNode):
-            depth, aliases = walk.measure(definition.selection_set)
+            depth, aliases, _ = walk.measure(definition.selection_set)
             if aliases > max_aliases:
                 raise QueryTooComplex(f"query has more than {max_aliases} aliases")
             if depth > max_depth:
@@ -54,38 +57,54 @@ class _Walk:
     """Depth and aliases of a selection with fragments expanded at every spread. A fragment
     is measured once per document (its depth and aliases do not depend on where it is
     spread), so spreads that double at every level cost a linear walk; alias counts stop
-    growing past the limit."""
+    growing past the limit. Chains of spreads (F0 spreads F1 spreads F2 ...) are bounded, so
+    that no walk over the document, this one or the cost analysis, exhausts the stack."""
 
     def __init__(self, fragments: dict[str, FragmentDefinitionNode], max_aliases: int) -> None:
         self.fragments = fragments
         self.cap = max_aliases + 1
-        self.measured: dict[str, tuple[int, int]] = {}
+        # Per fragment: depth, aliases and the longest chain of spreads it starts.
+        self.measured: dict[str, tuple[int, int, int]] = {}
+        self.nesting = 0
 
-    def measure(self, selection_set: SelectionSetNode | None) -> tuple[int, int]:
+    def measure(self, selection_set: SelectionSetNode | None) -> tuple[int, int, int]:
         if selection_set is None:
-            return 0, 0
-        deepest = aliases = 0
+            return 0, 0, 0
+        deepest = aliases = chain = 0
         for selection in selection_set.selections:
             if isinstance(selection, FieldNode):
-                depth, below = self.measure(selection.selection_set)
+                depth, below, spreads = self.measure(selection.selection_set)
                 deepest = max(deepest, 1 + depth)
                 aliases += below + (1 if selection.alias else 0)
             else:
                 if isinstance(selection, FragmentSpreadNode):
-                    depth, below = self.fragment(selection.name.value)
+                    depth, below, spreads = self.fragment(selection.name.value)
                 else:
-                    depth, below = self.measure(cast(InlineFragmentNode, selection).selection_set)
+                    selections = cast(InlineFragmentNode, selection).selection_set
+                    depth, below, spreads = self.measure(selections)
                 deepest = max(deepest, depth)
                 aliases += below
             aliases = min(aliases, self.cap)
-        return deepest, aliases
+            chain = max(chain, spreads)
+        return deepest, aliases, chain
 
-    def fragment(self, name: str) -> tuple[int, int]:
-        if name in self.measured:
-            return self.measured[name]
-        # A missing fragment or a cycle is a validation error; it counts as empty meanwhile.
-        self.measured[name] = (0, 0)
-        fragment = self.fragments.get(name)
-        if fragment is not None:
-            self.measured[name] = self.measure(fragment.selection_set)
-        return self.measured[name]
+    def fragment(self, name: str) -> tuple[int, int, int]:
+        if name not in self.measured:
+            # A missing fragment or a cycle is a validation error; it counts as empty meanwhile.
+            self.measured[name] = (0, 0, 0)
+            fragment = self.fragments.get(name)
+            if fragment is not None:
+                self.nesting += 1
+                if self.nesting > MAX_FRAGMENT_CHAIN:
+                    raise _chain_too_long()
+                depth, aliases, chain = self.measure(fragment.selection_set)
+                self.nesting -= 1
+                self.measured[name] = (depth, aliases, chain + 1)
+        depth, aliases, chain = self.measured[name]
+        if self.nesting + chain > MAX_FRAGMENT_CHAIN:
+            raise _chain_too_long()
+        return depth, aliases, chain
+
+
+def _chain_too_long() -> QueryTooComplex:
+    return QueryTooComplex(f"query spreads fragments more than {MAX_FRAGMENT_CHAIN} levels deep")
