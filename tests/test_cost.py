@@ -3,6 +3,8 @@ counted per spread, the viewer's real queries allowed."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +15,8 @@ import pytest
 from conftest import Stack, base_settings, count_statements, serve
 from graphql import build_schema
 from operations import COMPLETE, REQUEST_URLS, TREE
+from websockets.asyncio.client import connect
+from websockets.typing import Subprotocol
 
 from app.graphql.cost import QueryCost
 
@@ -52,7 +56,7 @@ async def test_exponential_query_is_refused_before_authentication_and_the_databa
 ) -> None:
     stack = sqlite_local_stack
     query = nested_groups(6)  # depth 14: within the depth limit, 10^6 groups
-    with count_statements(stack.app.state.engine) as statements:
+    with count_statements(stack.services.engine) as statements:
         for client in (stack.client, anonymous):  # with a token and without
             response = await post(client, query)
             assert response.status_code == 400
@@ -171,3 +175,30 @@ def test_every_list_of_objects_needs_a_bound() -> None:
     schema = build_schema("type Query { things: [Thing!]! ids: [ID!]! } type Thing { id: ID }")
     with pytest.raises(ValueError, match=r"Query\.things"):
         QueryCost(schema, max_slices_per_call=5000)
+
+
+async def test_subscriptions_are_admitted_by_the_same_checks(
+    tmp_path: Path, own_sqlite_url: str
+) -> None:
+    settings = base_settings(
+        database_url=own_sqlite_url, var_dir=tmp_path, auth_disabled=True, max_query_cost=2
+    )
+    events = "subscription($id: ID!) { maskGroupEvents(annotationId: $id) { kind status } }"
+    async with serve(settings) as (_, base_url):
+        url = base_url.replace("http://", "ws://", 1) + "/graphql"
+        async with connect(url, subprotocols=[Subprotocol("graphql-transport-ws")]) as socket:
+            await socket.send(json.dumps({"type": "connection_init", "payload": {}}))
+            assert json.loads(await socket.recv()) == {"type": "connection_ack"}
+            for operation_id, variables, message in [
+                ("cost", {"id": "1"}, "above the limit of 2"),
+                ("nul", {"id": "1\x00"}, "NUL"),
+            ]:
+                payload = {"query": events, "variables": variables}
+                await socket.send(
+                    json.dumps({"id": operation_id, "type": "subscribe", "payload": payload})
+                )
+                refused = json.loads(await asyncio.wait_for(socket.recv(), 10))
+                assert refused["id"] == operation_id
+                assert refused["type"] == "error"
+                assert refused["payload"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+                assert message in refused["payload"][0]["message"]

@@ -46,7 +46,7 @@ async def test_long_list_variables_are_refused_before_coercion_and_the_role_chec
     stack = sqlite_local_stack
     slices = [{"sliceIndex": index, "width": 1, "height": 1} for index in range(5001)]
     body = {"query": COMPLETE, "variables": {"groupId": "1", "slices": slices}}
-    with count_statements(stack.app.state.engine) as statements:
+    with count_statements(stack.services.engine) as statements:
         for headers in (stack.auth("reader"), {"Authorization": ""}):
             response = await stack.client.post("/graphql", json=body, headers=headers)
             assert response.status_code == 400
@@ -132,7 +132,7 @@ async def test_deeply_nested_bodies_are_refused_before_authentication(
     stack = sqlite_local_stack
     nested = b"[" * 100_000 + b"]" * 100_000
     body = b'{"query": "{ me { user } }", "variables": {"a": ' + nested + b"}}"
-    with count_statements(stack.app.state.engine) as statements:
+    with count_statements(stack.services.engine) as statements:
         async with httpx.AsyncClient(base_url=stack.base_url) as anonymous:
             posted = await anonymous.post(
                 "/graphql", content=body, headers={"Content-Type": "application/json"}

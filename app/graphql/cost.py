@@ -39,8 +39,9 @@ from graphql import (
 )
 from graphql.type.introspection import SchemaMetaFieldDef, TypeMetaFieldDef
 
+from app.annotations import ANNOTATIONS_PAGE_MAX
+from app.audit import AUDIT_PAGE_MAX
 from app.errors import BadUserInput
-from app.graphql.schema import MAX_AUDIT_PAGE, MAX_PAGE
 
 # Assumed sizes of the lists that have no `limit` (they are estimates, not caps: a larger
 # annotation still executes; it is simply counted at this size).
@@ -59,8 +60,8 @@ def list_bounds(max_slices_per_call: int) -> dict[tuple[str, str], int]:
     """The bound of every list-of-objects field of the schema, used when no `limit` is given."""
     return {
         # The resolvers' own maximum page sizes, for a `limit` that is not an integer.
-        ("Query", "annotations"): MAX_PAGE,
-        ("Query", "auditEvents"): MAX_AUDIT_PAGE,
+        ("Query", "annotations"): ANNOTATIONS_PAGE_MAX,
+        ("Query", "auditEvents"): AUDIT_PAGE_MAX,
         ("Annotation", "maskGroups"): MASK_GROUPS_PER_ANNOTATION,
         ("MaskGroup", "masks"): MASKS_PER_GROUP,
         ("Mutation", "requestMaskUploadUrls"): max_slices_per_call,
