@@ -68,7 +68,11 @@ class Settings(BaseSettings):
     max_query_depth: int = Field(15, ge=1)
     max_query_aliases: int = Field(50, ge=0)
     max_query_tokens: int = Field(20_000, ge=100)
-    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_query_cost: int = Field(200_000, ge=1)
+    # The largest legitimate body, a 5000-slice batch of the longest values, is 1.1 MB
+    # (1.6 MB indented): 4 MiB leaves room (docs/security.md).
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_json_input_bytes: int = Field(64 * 1024, ge=2)
     # Slow clients: a request's headers, and its body, must arrive within these many seconds.
     request_header_timeout: float = Field(10, gt=0)
     request_body_timeout: float = Field(30, gt=0)

@@ -23,6 +23,7 @@ from app.db import create_engine, create_sessionmaker
 from app.dicom import routes as dicom_routes
 from app.dicom.export import EXPORT_JOB, export_job
 from app.events import create_event_bus
+from app.graphql.cost import QueryCost
 from app.graphql.live import LiveGraphQL
 from app.graphql.schema import create_schema
 from app.graphql.view import graphql_endpoint
@@ -107,9 +108,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
     extensions = [] if settings.graphql_introspection else [DisableIntrospection]
     schema = create_schema(extensions=extensions)
+    query_cost = QueryCost(schema._schema, max_slices_per_call=settings.max_slices_per_call)
     routes = [
-        Route("/graphql", graphql_endpoint(schema), methods=["GET", "POST"]),
-        WebSocketRoute("/graphql", LiveGraphQL(schema, settings)),
+        Route("/graphql", graphql_endpoint(schema, query_cost), methods=["GET", "POST"]),
+        WebSocketRoute("/graphql", LiveGraphQL(schema, settings, query_cost)),
         Route("/api/mask-group/{group_id:int}/view", view_mask, methods=["GET"]),
         *dicom_routes.ROUTES,
         Route("/healthz", healthz, methods=["GET"]),

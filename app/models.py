@@ -54,6 +54,9 @@ class MaskGroupStatus(enum.Enum):
     COMPLETE = "COMPLETE"
 
 
+# Id columns are 32-bit integers (PostgreSQL's integer); no row has a larger id.
+MAX_ID = 2**31 - 1
+
 # Ids are never reused (SQLite would reuse the highest after a delete without AUTOINCREMENT):
 # audit records and logs keep naming them after the rows are gone.
 NO_ID_REUSE = {"sqlite_autoincrement": True}

@@ -17,8 +17,9 @@ from typing import Protocol
 from app.config import CONTENT_TYPE_EXTENSIONS
 
 KEY_ROOT = "mask"
+# \Z, not $: "$" also matches before a trailing newline, which would reach a key.
+LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 LIST_PAGE_SIZE = 1000
-LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 class StorageError(Exception):

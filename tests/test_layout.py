@@ -118,6 +118,7 @@ LAYERS = [
             "app.deletion",
             "app.slices",
             "app.validation",
+            "app.json_input",
             "app.tokens",
             "app.audit",
             "app.oidc",

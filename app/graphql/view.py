@@ -10,16 +10,24 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from graphql import DocumentNode, GraphQLError, OperationType, get_operation_ast
+from graphql import (
+    DocumentNode,
+    GraphQLError,
+    OperationDefinitionNode,
+    OperationType,
+    get_operation_ast,
+)
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from app.audit import Actor
 from app.auth import CHALLENGE, AuthenticationUnavailable, authenticate_request
-from app.errors import AppError, StorageUnavailable, Unauthenticated
+from app.errors import AppError, BadUserInput, StorageUnavailable, Unauthenticated
 from app.graphql.context import Context
+from app.graphql.cost import QueryCost
 from app.graphql.limits import check_document
 from app.graphql.schema import Schema
+from app.graphql.variables import check_list_lengths, check_text
 from app.state import request_id_of, services_of
 from app.static_routes import graphiql_page
 from app.storage import StorageError
@@ -67,10 +75,7 @@ async def _read_params(request: Request, max_bytes: int) -> dict[str, Any]:
         params: dict[str, Any] = dict(request.query_params)
         for name in ("variables", "extensions"):
             if params.get(name):
-                try:
-                    params[name] = json.loads(params[name])
-                except ValueError as error:
-                    raise RequestError(400, f"{name} is not valid JSON") from error
+                params[name] = _json(params[name], name)
         return params
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != JSON_MEDIA:
@@ -80,13 +85,19 @@ async def _read_params(request: Request, max_bytes: int) -> dict[str, Any]:
         body.extend(chunk)
         if len(body) > max_bytes:
             raise RequestError(413, f"request body exceeds {max_bytes} bytes")
-    try:
-        params = json.loads(body)
-    except ValueError as error:
-        raise RequestError(400, "request body is not valid JSON") from error
+    params = _json(body, "request body")
     if not isinstance(params, dict):
         raise RequestError(400, "request body must be a JSON object")
     return params
+
+
+def _json(text: str | bytes | bytearray, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise RequestError(400, f"{what} is not valid JSON") from error
+    except RecursionError as error:  # json nests by recursion: thousands of [[[[ exhaust it
+        raise RequestError(400, f"{what} is nested too deeply") from error
 
 
 def format_error(error: GraphQLError, request_id: str) -> dict[str, Any]:
@@ -122,14 +133,14 @@ def format_error(error: GraphQLError, request_id: str) -> dict[str, Any]:
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def graphql_endpoint(schema: Schema) -> Endpoint:
+def graphql_endpoint(schema: Schema, query_cost: QueryCost) -> Endpoint:
     async def endpoint(request: Request) -> Response:
-        return await _serve_graphql(schema, request)
+        return await _serve_graphql(schema, query_cost, request)
 
     return endpoint
 
 
-async def _serve_graphql(schema: Schema, request: Request) -> Response:
+async def _serve_graphql(schema: Schema, query_cost: QueryCost, request: Request) -> Response:
     services = services_of(request)
     request_id = request_id_of(request)
     settings = services.settings
@@ -169,8 +180,13 @@ async def _serve_graphql(schema: Schema, request: Request) -> Response:
             max_depth=settings.max_query_depth,
             max_aliases=settings.max_query_aliases,
         )
-        if request.method == "GET" and document is not None:
-            _refuse_mutation_over_get(document, operation_name)
+        if document is not None:
+            operation = _operation(document, operation_name)
+            if request.method == "GET" and operation.operation is not OperationType.QUERY:
+                raise RequestError(405, "only queries may be sent with GET", {"Allow": "POST"})
+            check_list_lengths(operation, variables, max_items=settings.max_slices_per_call)
+            check_text(query, document, variables)
+            query_cost.check(document, operation, variables, limit=settings.max_query_cost)
         principal = await authenticate_request(request)
     except RequestError as error:
         return _respond(
@@ -223,10 +239,13 @@ async def _serve_graphql(schema: Schema, request: Request) -> Response:
     return _respond(payload, status, media)
 
 
-def _refuse_mutation_over_get(document: DocumentNode, operation_name: str | None) -> None:
+def _operation(document: DocumentNode, operation_name: str | None) -> OperationDefinitionNode:
     operation = get_operation_ast(document, operation_name)
-    if operation is not None and operation.operation is not OperationType.QUERY:
-        raise RequestError(405, "only queries may be sent with GET", {"Allow": "POST"})
+    if operation is not None:
+        return operation
+    if operation_name is not None:
+        raise BadUserInput(f"the document has no operation named {operation_name[:100]!r}")
+    raise BadUserInput("the document has several operations: operationName must name one")
 
 
 def _respond(
