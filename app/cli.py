@@ -3,6 +3,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -13,10 +14,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.audit import Actor
 from app.auth import Principal, Role, create_token, revoke_token
+from app.bucket_setup import iam_policy
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker, transaction, upgrade_database
 from app.errors import NotFound
 from app.models import ApiToken, utcnow
+from app.storage import StorageError, create_storage
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -107,7 +110,9 @@ def _export_schema(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _setup_storage(settings: Settings, args: argparse.Namespace) -> int:
-    from app.storage import create_storage
+    if args.print_iam_policy:
+        print(json.dumps(iam_policy(settings.s3_bucket_name), indent=2))
+        return 0
 
     async def run() -> None:
         storage = await create_storage(settings)
@@ -116,8 +121,25 @@ def _setup_storage(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             await storage.aclose()
 
-    asyncio.run(run())
-    print(f"pacs-masks: storage ready ({settings.storage_provider})")
+    try:
+        asyncio.run(run())
+    except StorageError as error:
+        print(
+            f"pacs-masks: storage set-up failed: {error}; check S3_ENDPOINT_URL, "
+            "S3_BUCKET_NAME and the credentials",
+            file=sys.stderr,
+        )
+        return 1
+    if settings.storage_provider == "local":
+        print(f"pacs-masks: local storage ready in {settings.resolved_local_storage_dir}")
+        return 0
+    expiry = settings.s3_mask_expiry_days
+    print(
+        f"pacs-masks: bucket {settings.s3_bucket_name} ready; CORS for "
+        f"{', '.join(settings.cors_origins) or 'no origins (CORS_ORIGINS is empty)'}; "
+        "incomplete multipart uploads aborted after 1 day; "
+        + (f"masks expire after {expiry} days" if expiry else "masks never expire")
+    )
     return 0
 
 
@@ -216,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     setup = commands.add_parser(
         "setup-storage", help="create the bucket, CORS for CORS_ORIGINS and lifecycle rules"
+    )
+    setup.add_argument(
+        "--print-iam-policy",
+        action="store_true",
+        help="print the least-privilege IAM policy for S3_BUCKET_NAME and change nothing",
     )
     setup.set_defaults(handler=_setup_storage)
 

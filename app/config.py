@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
     aws_session_token: str | None = None
+    # Off by default: storage would delete objects whose rows remain (setup-storage applies it).
+    s3_mask_expiry_days: int | None = Field(None, ge=1)
 
     signed_url_default_ttl: int = Field(600, ge=1)
     signed_url_max_ttl: int = Field(3600, ge=1)

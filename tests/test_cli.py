@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from commands import BIN, clean_env, run_cli
 from conftest import base_settings
 from sqlalchemy import select
 
@@ -19,8 +18,6 @@ from app.db import create_engine, create_sessionmaker
 from app.errors import Unauthenticated
 from app.models import ApiToken, AuditEvent, utcnow
 
-BIN = Path(sys.executable).parent
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -28,17 +25,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _clean_env() -> dict[str, str]:
-    # The embedded default: no DATABASE_URL, no storage settings.
-    return {key: os.environ[key] for key in ("PATH", "HOME", "LANG") if key in os.environ}
-
-
 def _start(tmp_path: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
             [str(BIN / "pacs-masks"), "serve", "--port", str(port)],
             cwd=tmp_path,
-            env=_clean_env(),
+            env=clean_env(),
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -98,7 +90,7 @@ def test_serve_refuses_a_public_address_without_authentication(tmp_path: Path) -
     result = subprocess.run(
         [str(BIN / "pacs-masks"), "serve", "--host", "0.0.0.0", "--port", str(_free_port())],
         cwd=tmp_path,
-        env={**_clean_env(), "AUTH_DISABLED": "true"},
+        env={**clean_env(), "AUTH_DISABLED": "true"},
         capture_output=True,
         text=True,
         timeout=30,
@@ -109,31 +101,20 @@ def test_serve_refuses_a_public_address_without_authentication(tmp_path: Path) -
 
 
 def test_migrate_and_export_schema(tmp_path: Path) -> None:
-    env = {**_clean_env(), "DATABASE_URL": f"sqlite:///{tmp_path / 'm.db'}"}
-    migrated = _cli(tmp_path, env, "migrate")
+    env = {**clean_env(), "DATABASE_URL": f"sqlite:///{tmp_path / 'm.db'}"}
+    migrated = run_cli(tmp_path, env, "migrate")
     assert migrated.returncode == 0, migrated.stderr
     assert (tmp_path / "m.db").exists()
-    exported = _cli(tmp_path, env, "export-schema")
+    exported = run_cli(tmp_path, env, "export-schema")
     assert exported.returncode == 0, exported.stderr
     assert "requestMaskUploadUrls" in exported.stdout
 
 
-def _cli(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "pacs-masks"), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-
-
 async def test_token_commands(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 't.db'}"
-    env = {**_clean_env(), "DATABASE_URL": url}
-    assert _cli(tmp_path, env, "migrate").returncode == 0
-    created = _cli(
+    env = {**clean_env(), "DATABASE_URL": url}
+    assert run_cli(tmp_path, env, "migrate").returncode == 0
+    created = run_cli(
         tmp_path,
         env,
         "create-token",
@@ -156,7 +137,7 @@ async def test_token_commands(tmp_path: Path) -> None:
         principal = await authenticate(sessionmaker, secret, oidc=None, now=utcnow())
         assert principal == Principal("worker-7", Role.UPLOADER)
 
-        listing = _cli(tmp_path, env, "list-tokens")
+        listing = run_cli(tmp_path, env, "list-tokens")
         assert "worker-7" in listing.stdout
         assert "active" in listing.stdout
         assert secret not in listing.stdout
@@ -167,12 +148,12 @@ async def test_token_commands(tmp_path: Path) -> None:
                 secret not in (stored.token_prefix + stored.token_hash)[len(stored.token_prefix) :]
             )
 
-        revoked = _cli(tmp_path, env, "revoke-token", str(stored.id))
+        revoked = run_cli(tmp_path, env, "revoke-token", str(stored.id))
         assert revoked.returncode == 0, revoked.stderr
         with pytest.raises(Unauthenticated):
             await authenticate(sessionmaker, secret, oidc=None, now=utcnow())
-        assert "revoked" in _cli(tmp_path, env, "list-tokens").stdout
-        again = _cli(tmp_path, env, "revoke-token", str(stored.id))
+        assert "revoked" in run_cli(tmp_path, env, "list-tokens").stdout
+        again = run_cli(tmp_path, env, "revoke-token", str(stored.id))
         assert again.returncode == 1
 
         async with sessionmaker() as session:
@@ -184,5 +165,5 @@ async def test_token_commands(tmp_path: Path) -> None:
     finally:
         await engine.dispose()
 
-    refused = _cli(tmp_path, env, "create-token", "--user", "x", "--role", "superuser")
+    refused = run_cli(tmp_path, env, "create-token", "--user", "x", "--role", "superuser")
     assert refused.returncode == 2

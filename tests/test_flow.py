@@ -1,4 +1,4 @@
-"""The whole upload sequence over HTTP, on SQLite + local disk and PostgreSQL + moto S3."""
+"""The whole upload sequence over HTTP, on SQLite + local disk and PostgreSQL + SeaweedFS S3."""
 
 from __future__ import annotations
 
