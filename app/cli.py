@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import getpass
 import json
 import logging
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.audit import Actor
@@ -20,6 +22,7 @@ from app.db import create_engine, create_sessionmaker, transaction, upgrade_data
 from app.errors import NotFound
 from app.models import ApiToken, utcnow
 from app.storage import StorageError, create_storage
+from app.usage import UsageGrouping, UsageRow, storage_usage, usage_table
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -211,6 +214,33 @@ def _list_tokens(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage(settings: Settings, args: argparse.Namespace) -> int:
+    grouping = UsageGrouping[args.group_by.upper()]
+
+    async def run() -> list[UsageRow]:
+        engine, sessionmaker = _database(settings)
+        try:
+            async with sessionmaker() as session:
+                return await storage_usage(session, grouping)
+        finally:
+            await engine.dispose()
+
+    try:
+        rows = asyncio.run(run())
+    except (OSError, SQLAlchemyError) as error:
+        print(
+            f"pacs-masks: cannot read the database ({type(error).__name__}); check DATABASE_URL "
+            "and run `pacs-masks migrate`",
+            file=sys.stderr,
+        )
+        return 1
+    if args.json:
+        print(json.dumps([dataclasses.asdict(row) for row in rows], indent=2))
+    else:
+        print(usage_table(grouping, rows))
+    return 0
+
+
 def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -260,6 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list-tokens", help="list API tokens (never their secrets)")
     listing.set_defaults(handler=_list_tokens)
+
+    usage = commands.add_parser("usage", help="storage taken by the masks, from the database")
+    usage.add_argument(
+        "--group-by",
+        choices=[grouping.value.lower() for grouping in UsageGrouping],
+        default="model",
+        type=str.lower,
+    )
+    usage.add_argument("--json", action="store_true", help="JSON rows instead of a table")
+    usage.set_defaults(handler=_usage)
     return parser
 
 

@@ -28,6 +28,7 @@ from app.graphql.types import (
     Principal,
     SliceUploadInput,
 )
+from app.graphql.usage import StorageUsage, storage_usage
 from app.masks import parse_id
 from app.models import Annotation as AnnotationModel
 from app.models import AuditEvent as AuditEventModel
@@ -83,6 +84,12 @@ class Query:
     def me(self, info: Info) -> Principal:
         principal = info.context.principal
         return Principal(user=principal.user, role=principal.role)
+
+    storage_usage: list[StorageUsage] = strawberry.field(
+        resolver=storage_usage,
+        description="stored masks and bytes by model, annotation, modality or day, from the "
+        "database; ADMIN only",
+    )
 
     @strawberry.field(description="append-only audit trail, newest first; ADMIN only")
     async def audit_events(
