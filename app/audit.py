@@ -10,6 +10,7 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import Principal
+from app.metrics import count_on_commit
 from app.models import AuditEvent, utcnow
 
 
@@ -47,3 +48,4 @@ async def record(
             detail=detail,
         )
     )
+    count_on_commit(session, action, slice_count, byte_count)

@@ -20,6 +20,7 @@ from app.bucket_setup import iam_policy
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker, transaction, upgrade_database
 from app.errors import NotFound
+from app.logging_setup import configure_logging
 from app.models import ApiToken, utcnow
 from app.storage import StorageError, create_storage
 from app.usage import UsageGrouping, UsageRow, storage_usage, usage_table
@@ -87,11 +88,15 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             f"pacs-masks: embedded default, database and storage under {settings.var_dir.resolve()}",
             flush=True,
         )
+    configure_logging(settings)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # Our handlers (JSON or text); uvicorn's access log would write signed query strings.
+        log_config=None,
+        access_log=False,
         proxy_headers=True,
     )
     return 0

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    # auto: human-readable text on a terminal, JSON lines otherwise (log collectors).
+    log_format: Literal["auto", "json", "text"] = "auto"
+    metrics_token: str | None = None
+    metrics_public: bool = False
 
     @field_validator("allowed_content_types", "cors_origins", "oidc_algorithms", mode="before")
     @classmethod

@@ -17,12 +17,15 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import DisableIntrospection
 
+from app.access import AccessMiddleware
 from app.auth import authenticate, bearer_token
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker
 from app.errors import Unauthenticated
 from app.graphql.schema import create_schema
 from app.graphql.view import graphql_endpoint
+from app.metrics import DATABASE_ERRORS, STORAGE_ERRORS
+from app.metrics_http import metrics_endpoint
 from app.models import Mask, utcnow
 from app.oidc import OidcConfig, OidcVerifier
 from app.storage import LABEL_PATTERN, Storage, StorageError, create_storage
@@ -73,6 +76,7 @@ async def readyz(request: Request) -> Response:
             await session.execute(text("SELECT 1"))
     except Exception:
         logger.exception("readiness: database unreachable")
+        DATABASE_ERRORS.labels("readyz").inc()
         return PlainTextResponse("database unreachable", status_code=503)
     return PlainTextResponse("ready")
 
@@ -82,7 +86,7 @@ async def view_mask(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     if not settings.auth_disabled:
         try:
-            await authenticate(
+            principal = await authenticate(
                 request.app.state.sessionmaker,
                 bearer_token(request.headers.get("authorization")),
                 oidc=request.app.state.oidc,
@@ -94,6 +98,7 @@ async def view_mask(request: Request) -> Response:
                 status_code=401,
                 headers={"WWW-Authenticate": 'Bearer realm="pacs-masks"'},
             )
+        request.state.user = principal.user
     group_id = request.path_params["group_id"]
     slice_param = request.query_params.get("slice", "")
     label = request.query_params.get("label") or None
@@ -117,6 +122,7 @@ async def view_mask(request: Request) -> Response:
         stream = await storage.open(row.file_path)
     except StorageError:
         logger.exception("view: storage unavailable for %s", row.file_path)
+        STORAGE_ERRORS.labels("view").inc()
         return PlainTextResponse("storage unavailable", status_code=503)
     if stream is None:
         return PlainTextResponse("object missing from storage", status_code=404)
@@ -132,6 +138,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/mask-group/{group_id:int}/view", view_mask, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
     if settings.storage_provider == "local":
         from app.local_storage import LocalStorage
@@ -152,7 +159,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await storage.aclose()
             await engine.dispose()
 
-    middleware = [Middleware(RequestIdMiddleware)]
+    middleware = [Middleware(RequestIdMiddleware), Middleware(AccessMiddleware)]
     if settings.cors_origins:
         middleware.append(
             Middleware(

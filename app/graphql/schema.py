@@ -30,6 +30,7 @@ from app.graphql.types import (
 )
 from app.graphql.usage import StorageUsage, storage_usage
 from app.masks import parse_id
+from app.metrics import STORAGE_ERRORS
 from app.models import Annotation as AnnotationModel
 from app.models import AuditEvent as AuditEventModel
 from app.models import utcnow
@@ -247,6 +248,8 @@ class Mutation:
             prefix=deletion.prefix,
             upload_expires_at=deletion.upload_expires_at,
         )
+        if failed:
+            STORAGE_ERRORS.labels("deleteMaskGroup").inc()
         return DeleteMaskGroupPayload(
             id=strawberry.ID(str(deletion.mask_group_id)),
             deleted_mask_count=deletion.deleted_mask_count,

@@ -20,11 +20,14 @@ from app.errors import AppError, StorageUnavailable, Unauthenticated
 from app.graphql.context import Context
 from app.graphql.limits import check_document
 from app.graphql.schema import Schema
+from app.metrics import count_unexpected, operation_label
 from app.models import utcnow
 from app.storage import StorageError
 
 logger = logging.getLogger("app.graphql")
 
+# The "field" of errors that refuse the request as a whole, in metrics.
+REQUEST_FIELD = "(request)"
 JSON_MEDIA = "application/json"
 GRAPHQL_RESPONSE_MEDIA = "application/graphql-response+json"
 # GraphiQL loads its scripts and styles from a CDN; nothing may frame it.
@@ -122,6 +125,7 @@ def format_error(error: GraphQLError, request_id: str) -> dict[str, Any]:
         formatted["extensions"] = {"code": "BAD_USER_INPUT"}
     else:
         # Internals (SQL, stack, paths) stay in our log; the client gets the id to quote.
+        count_unexpected(original, str(error.path[0]))
         logger.error(
             "unexpected error in %s (request %s)",
             ".".join(str(part) for part in error.path or []) or "operation",
@@ -175,8 +179,11 @@ async def graphql_endpoint(request: Request) -> Response:
         )
         if request.method == "GET" and document is not None:
             _refuse_mutation_over_get(document, operation_name)
+        request.state.operation = operation_label(document, operation_name)
         principal = await _authenticate(request, settings)
+        request.state.user = principal.user
     except RequestError as error:
+        request.state.graphql_errors = [(REQUEST_FIELD, "BAD_USER_INPUT")]
         return _respond(
             {"errors": [{"message": error.message, "extensions": {"code": "BAD_USER_INPUT"}}]},
             error.status,
@@ -184,6 +191,7 @@ async def graphql_endpoint(request: Request) -> Response:
             error.headers,
         )
     except AppError as error:
+        request.state.graphql_errors = [(REQUEST_FIELD, error.code)]
         status = 400
         if isinstance(error, Unauthenticated):
             status = 401
@@ -217,6 +225,12 @@ async def graphql_endpoint(request: Request) -> Response:
     )
     if not is_request_error:
         payload["data"] = result.data
+    else:
+        request.state.operation = operation_label(None, None)
+    request.state.graphql_errors = [
+        (str((error.get("path") or [REQUEST_FIELD])[0]), error["extensions"]["code"])
+        for error in payload.get("errors", ())
+    ]
     status = 400 if is_request_error and media == GRAPHQL_RESPONSE_MEDIA else 200
     return _respond(payload, status, media)
 

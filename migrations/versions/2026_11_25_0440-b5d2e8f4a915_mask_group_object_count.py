@@ -17,18 +17,18 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("annotation_mask_group") as batch:
-        batch.add_column(
-            sa.Column("object_count", sa.Integer(), nullable=False, server_default="0")
-        )
+    # A plain ADD COLUMN: batch mode would rebuild the table on SQLite and lose AUTOINCREMENT
+    # (ids would be reused). The server default stays for rows other writers insert.
+    op.add_column(
+        "annotation_mask_group",
+        sa.Column("object_count", sa.Integer(), nullable=False, server_default="0"),
+    )
     op.execute(
         "UPDATE annotation_mask_group SET object_count = (SELECT count(*) FROM annotation_mask "
         "WHERE annotation_mask.mask_group_id = annotation_mask_group.id)"
     )
-    with op.batch_alter_table("annotation_mask_group") as batch:
-        batch.alter_column("object_count", server_default=None)
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("annotation_mask_group") as batch:
-        batch.drop_column("object_count")
+    # SQLite 3.35+ drops a column in place (a batch rebuild would lose AUTOINCREMENT).
+    op.drop_column("annotation_mask_group", "object_count")
