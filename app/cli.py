@@ -63,6 +63,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
     updates = {"host": args.host or settings.host, "port": args.port or settings.port}
     settings = settings.model_copy(update=updates)
+    configure_logging(settings)
     if settings.auth_disabled and settings.host not in LOOPBACK_HOSTS:
         print(
             f"pacs-masks: refusing to listen on {settings.host} with AUTH_DISABLED set; "
@@ -88,7 +89,6 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             f"pacs-masks: embedded default, database and storage under {settings.var_dir.resolve()}",
             flush=True,
         )
-    configure_logging(settings)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
