@@ -5,9 +5,12 @@ several worker processes aggregate through PROMETHEUS_MULTIPROC_DIR."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from pathlib import Path
 
 import httpx
+import yaml
 from commands import clean_env, served
 from conftest import Stack, base_settings, make_tokens, png_bytes, serve
 from flows import create_annotation, create_group, upload
@@ -16,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.db import create_engine, create_sessionmaker
 
+ROOT = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 SIZE = len(png_bytes(0))
 
@@ -150,3 +154,22 @@ async def test_multiprocess_collector_aggregates_from_the_shared_folder(tmp_path
     assert value(samples, "pacs_masks_graphql_requests_total", operation="query:me", outcome="ok")
     # The usage gauges come from the database, not from the worker files.
     assert "# TYPE pacs_masks_stored_bytes gauge" in text
+
+
+async def test_dashboard_and_scrape_example_use_the_exposed_metrics(stack: Stack) -> None:
+    text = (await stack.client.get("/metrics", headers=stack.auth("admin"))).text
+    exposed = set(re.findall(r"^# TYPE (pacs_masks_\w+) (\w+)", text, re.MULTILINE))
+    names = set()
+    for name, kind in exposed:
+        suffixes = {"histogram": ["_bucket", "_count", "_sum"]}
+        names.update(name + suffix for suffix in suffixes.get(kind, [""]))
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "pacs-masks.json").read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {name for expr in expressions for name in re.findall(r"pacs_masks_\w+", expr)}
+    assert used
+    assert used <= names, used - names
+
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    [job] = scrape["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["authorization"]["type"] == "Bearer"
