@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     # auto: human-readable text on a terminal, JSON lines otherwise (log collectors).
     log_format: Literal["auto", "json", "text"] = "auto"
-    metrics_token: str | None = None
+    metrics_token: str | None = Field(None, min_length=16)
     metrics_public: bool = False
 
     @field_validator("allowed_content_types", "cors_origins", "oidc_algorithms", mode="before")

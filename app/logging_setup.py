@@ -35,9 +35,11 @@ class _TextFormatter(logging.Formatter):
 
 
 def _json_formatter() -> logging.Formatter:
+    # "time": ISO 8601 in UTC, from the record's own timestamp.
     return JsonFormatter(
-        "%(asctime)s %(levelname)s %(name)s %(message)s",
-        rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        "%(levelname)s %(name)s %(message)s",
+        rename_fields={"levelname": "level", "name": "logger"},
+        timestamp="time",
         json_ensure_ascii=False,
     )
 

@@ -29,7 +29,7 @@ from starlette.responses import PlainTextResponse, Response
 from app.auth import Role, authenticate, bearer_token
 from app.config import Settings
 from app.errors import AppError
-from app.metrics import DATABASE_ERRORS, PREFIX
+from app.metrics import DATABASE_ERRORS, PREFIX, count_unexpected
 from app.models import utcnow
 from app.usage import UsageGrouping, UsageRow, storage_usage
 
@@ -82,6 +82,11 @@ async def _allowed(request: Request, settings: Settings) -> Response | None:
         principal = await authenticate(state.sessionmaker, token, oidc=state.oidc, now=utcnow())
     except AppError as error:
         return PlainTextResponse(error.message, status_code=401, headers=challenge)
+    except Exception as error:
+        # The database (or the identity provider) is down: METRICS_TOKEN still works then.
+        log.exception("metrics: cannot check the token")
+        count_unexpected(error, "metrics")
+        return PlainTextResponse("cannot check the token now", status_code=503)
     if not principal.role.allows(Role.ADMIN):
         return PlainTextResponse("metrics need an ADMIN token or METRICS_TOKEN", status_code=403)
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ async def test_json_request_lines_carry_id_user_operation_and_duration(tmp_path:
     assert urls["status"] == 200
     assert urls["duration_ms"] > 0
     assert urls["level"] == "INFO"
-    assert urls["time"]
+    assert datetime.fromisoformat(urls["time"]).utcoffset() == timedelta(0)
 
     put = requests["req-put"]
     assert put["route"] == "/storage/{key:path}"

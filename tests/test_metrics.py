@@ -117,7 +117,9 @@ async def test_metrics_token_and_public_setting(own_sqlite_url: str, tmp_path: P
 
 
 def _multiprocess_scrape(tmp_path: Path, multiproc_dir: Path) -> tuple[str, list[Path]]:
-    env = clean_env(PROMETHEUS_MULTIPROC_DIR=str(multiproc_dir), METRICS_TOKEN="scrape-token")
+    env = clean_env(
+        PROMETHEUS_MULTIPROC_DIR=str(multiproc_dir), METRICS_TOKEN="scrape-token-0123456789"
+    )
     with served(tmp_path, env) as server:
         for _ in range(3):
             assert httpx.get(f"{server.base_url}/healthz").status_code == 200
@@ -128,7 +130,8 @@ def _multiprocess_scrape(tmp_path: Path, multiproc_dir: Path) -> tuple[str, list
         )
         assert me.status_code == 200
         response = httpx.get(
-            f"{server.base_url}/metrics", headers={"Authorization": "Bearer scrape-token"}
+            f"{server.base_url}/metrics",
+            headers={"Authorization": "Bearer scrape-token-0123456789"},
         )
         assert response.status_code == 200
         return response.text, sorted(multiproc_dir.iterdir())

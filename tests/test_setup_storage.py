@@ -178,3 +178,12 @@ def test_unreachable_storage_fails_with_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("pacs-masks:")]
     assert "storage set-up failed" in line
+
+
+def test_invalid_settings_fail_with_one_line(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, clean_env(S3_MASK_EXPIRY_DAYS="0"), "setup-storage")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "pacs-masks: invalid configuration: S3_MASK_EXPIRY_DAYS: "
+        "Input should be greater than or equal to 1"
+    )

@@ -149,6 +149,8 @@ async def graphql_endpoint(request: Request) -> Response:
         if not settings.graphiql:
             return PlainTextResponse("GraphiQL is switched off", status_code=404)
         return HTMLResponse(get_graphql_ide_html(graphql_ide="graphiql"), headers=IDE_HEADERS)
+    # Until the document is parsed, a refused request counts as an invalid operation.
+    request.state.operation = operation_label(None, None)
     media = _accepted_media(request)
     if media is None:
         return JSONResponse(
