@@ -133,5 +133,7 @@ def observe_request(
 
 
 def count_unexpected(error: BaseException | None, where: str) -> None:
-    if isinstance(error, SQLAlchemyError):
+    """Counts an unexpected error that came from the database. Storage errors never get here
+    (they become STORAGE_UNAVAILABLE); a bare OSError is the driver failing to connect."""
+    if isinstance(error, SQLAlchemyError | OSError):
         DATABASE_ERRORS.labels(where).inc()

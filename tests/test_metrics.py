@@ -7,15 +7,17 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 from pathlib import Path
 
 import httpx
 import yaml
 from commands import clean_env, served
-from conftest import Stack, base_settings, make_tokens, png_bytes, serve
-from flows import create_annotation, create_group, upload
-from operations import COMPLETE
+from conftest import Stack, base_settings, make_tokens, open_stack, png_bytes, serve
+from flows import create_annotation, create_group, slice_inputs, upload
+from operations import COMPLETE, DELETE_GROUP, REQUEST_URLS
 from prometheus_client.parser import text_string_to_metric_families
+from storage_servers import s3_settings
 
 from app.db import create_engine, create_sessionmaker
 
@@ -176,3 +178,51 @@ async def test_dashboard_and_scrape_example_use_the_exposed_metrics(stack: Stack
     [job] = scrape["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
     assert job["authorization"]["type"] == "Bearer"
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_storage_and_database_errors_are_counted(
+    stack: Stack, own_sqlite_url: str, tmp_path: Path
+) -> None:
+    before = await scrape(stack)
+    storage_down = s3_settings(f"http://127.0.0.1:{_closed_port()}", "k", "s", "pacs-masks")
+    settings = storage_down.model_copy(update={"database_url": own_sqlite_url, "var_dir": tmp_path})
+    async with open_stack("storage-down", settings, ensure_bucket=False) as down:
+        annotation_id = await create_annotation(down)
+        group_id = await create_group(down, annotation_id, 1)
+        slices, _ = slice_inputs([0])
+        await down.data(REQUEST_URLS, {"groupId": group_id, "slices": slices})
+        error = await down.error(COMPLETE, {"groupId": group_id, "slices": [{"sliceIndex": 0}]})
+        assert error["extensions"]["code"] == "STORAGE_UNAVAILABLE"
+        await down.data(DELETE_GROUP, {"id": group_id})
+
+    database_down = base_settings(
+        database_url=f"postgresql+asyncpg://nobody@127.0.0.1:{_closed_port()}/none",
+        var_dir=tmp_path,
+    )
+    async with (
+        serve(database_down) as (_, base_url),
+        httpx.AsyncClient(base_url=base_url) as client,
+    ):
+        refused = await client.post(
+            "/graphql",
+            json={"query": "{ me { user } }"},
+            headers={"Authorization": "Bearer pmk_some-token"},
+        )
+        assert refused.status_code == 500
+        assert (await client.get("/readyz")).status_code == 503
+    after = await scrape(stack)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("pacs_masks_storage_errors_total", where="completeMaskUpload") == 1
+    assert moved("pacs_masks_storage_errors_total", where="deleteMaskGroup") == 1
+    assert moved("pacs_masks_completion_failures_total", code="STORAGE_UNAVAILABLE") == 1
+    assert moved("pacs_masks_database_errors_total", where="authentication") == 1
+    assert moved("pacs_masks_database_errors_total", where="readyz") == 1

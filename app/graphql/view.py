@@ -247,6 +247,7 @@ async def _authenticate(request: Request, settings: Settings) -> Principal:
     except AppError:
         raise
     except Exception as error:
+        count_unexpected(error, "authentication")
         logger.exception("authentication failed (request %s)", request.state.request_id)
         raise AuthenticationUnavailable(request.state.request_id) from error
 
