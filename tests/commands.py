@@ -39,8 +39,8 @@ def run_cli(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedP
 @dataclass
 class ServedProcess:
     base_url: str
-    # The ADMIN token `serve` prints on the embedded default's first start.
-    token: str
+    # The ADMIN token `serve` prints on the embedded default's first start, else None.
+    token: str | None
     stdout: Path
     stderr: Path
 
@@ -78,7 +78,8 @@ def served(cwd: Path, env: dict[str, str]) -> Iterator[ServedProcess]:
             assert time.monotonic() < deadline, "server did not start within 30 s"
             time.sleep(0.1)
         printed = stdout.read_text()
-        token = printed.split("it is shown only once:\n", 1)[1].split()[0]
+        first_start = "it is shown only once:\n" in printed
+        token = printed.split("it is shown only once:\n", 1)[1].split()[0] if first_start else None
         yield ServedProcess(base_url, token, stdout, stderr)
     finally:
         process.terminate()

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from commands import BIN, clean_env, run_cli
+from commands import BIN, clean_env, run_cli, served
 from conftest import base_settings
 from sqlalchemy import select
 
@@ -25,65 +24,27 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start(tmp_path: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [str(BIN / "pacs-masks"), "serve", "--port", str(port)],
-            cwd=tmp_path,
-            env=clean_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def _wait_healthy(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-            return
-        except httpx.TransportError:
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "server did not start within 30 s"
-            time.sleep(0.2)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    process.wait(timeout=15)
-
-
 CREATE = 'mutation { createAnnotation(input: {studyInstanceUid: "1.2.3"}) { id createdBy } }'
 
 
 def test_serve_on_the_embedded_default(tmp_path: Path) -> None:
-    port = _free_port()
-    log = tmp_path / "serve.log"
-    process = _start(tmp_path, port, log)
-    try:
-        _wait_healthy(process, port, log)
-        url = f"http://127.0.0.1:{port}/graphql"
-        output = log.read_text()
-        token = output.split("it is shown only once:\n", 1)[1].split()[0]
+    with served(tmp_path, clean_env()) as server:
+        url = f"{server.base_url}/graphql"
+        assert server.token is not None
         refused = httpx.post(url, json={"query": CREATE})
         assert refused.status_code == 401
         created = httpx.post(
-            url, json={"query": CREATE}, headers={"Authorization": f"Bearer {token}"}
+            url, json={"query": CREATE}, headers={"Authorization": f"Bearer {server.token}"}
         ).json()
         assert created == {"data": {"createAnnotation": {"id": "1", "createdBy": "admin"}}}
-    finally:
-        _stop(process)
-    assert f"{url}" in output
+    assert url in server.stdout.read_text()
     assert (tmp_path / "var" / "pacs-masks.db").exists()
     assert (tmp_path / "var" / "storage").is_dir()
 
     # The next start reuses the database and prints no new token.
-    process = _start(tmp_path, port, log)
-    try:
-        _wait_healthy(process, port, log)
-    finally:
-        _stop(process)
-    assert log.read_text().count("shown only once") == 1
+    with served(tmp_path, clean_env()) as again:
+        assert again.token is None
+    assert "shown only once" not in again.stdout.read_text()
 
 
 def test_serve_refuses_a_public_address_without_authentication(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ def _traffic(tmp_path: Path, log_format: str) -> tuple[ServedProcess, str, str]:
     """Creates a group, uploads one slice through the local backend's signed URL and reads a
     mask that does not exist; returns the server, the signed URL and the log."""
     with served(tmp_path, clean_env(LOG_FORMAT=log_format)) as server:
+        assert server.token is not None
         annotation = _gql(
             server, CREATE_ANNOTATION, {"input": {"studyInstanceUid": "1.2.3"}}, "req-annotation"
         )["createAnnotation"]
