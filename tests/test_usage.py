@@ -9,11 +9,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy
+from alembic import command
 from commands import clean_env, run_cli
 from conftest import Stack, count_statements, png_bytes
 from flows import create_annotation, create_group, upload
+from sqlalchemy import text
 
-from app.usage import UsageGrouping, storage_usage
+from app.db import alembic_config, create_engine, create_sessionmaker, upgrade_database
+from app.usage import UsageGrouping, UsageRow, storage_usage
 
 USAGE = """
 query($by: StorageUsageGrouping!) {
@@ -102,3 +106,49 @@ async def test_usage_command_refuses_an_unknown_grouping(tmp_path: Path) -> None
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _before_object_count(url: str) -> None:
+    """A database at the revision before object_count, with one group of three masks."""
+    command.upgrade(alembic_config(url), "7c1e9a2b4d10")
+    engine = sqlalchemy.create_engine(url.replace("+aiosqlite", ""))
+    now = "2026-11-01 10:00:00.000000"
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO annotation_annotation (id, study_instance_uid, created_at) "
+                "VALUES (1, '1.2.3', :now)"
+            ),
+            {"now": now},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO annotation_mask_group (id, annotation_id, slice_count, mask_type, "
+                "created_at, status, uploaded_slice_count, total_bytes) "
+                "VALUES (1, 1, 2, 'segmentation', :now, 'COMPLETE', 2, 30)"
+            ),
+            {"now": now},
+        )
+        for index, label in ((0, None), (1, None), (1, "tumor")):
+            connection.execute(
+                text(
+                    "INSERT INTO annotation_mask (mask_group_id, slice_index, label_name, "
+                    "file_path, mime_type, file_size, checksum, created_at) "
+                    "VALUES (1, :index, :label, 'k', 'image/png', 10, 'md5:x', :now)"
+                ),
+                {"index": index, "label": label, "now": now},
+            )
+    engine.dispose()
+
+
+async def test_the_migration_counts_the_objects_of_existing_groups(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'before.db'}"
+    await asyncio.to_thread(_before_object_count, url)
+    await asyncio.to_thread(upgrade_database, url)
+    engine = create_engine(url)
+    try:
+        async with create_sessionmaker(engine)() as session:
+            rows = await storage_usage(session, UsageGrouping.DAY)
+    finally:
+        await engine.dispose()
+    assert rows == [UsageRow(key="2026-11-01", mask_group_count=1, object_count=3, total_bytes=30)]
