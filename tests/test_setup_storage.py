@@ -187,3 +187,9 @@ def test_invalid_settings_fail_with_one_line(tmp_path: Path) -> None:
         "pacs-masks: invalid configuration: S3_MASK_EXPIRY_DAYS: "
         "Input should be greater than or equal to 1"
     )
+
+
+def test_setup_storage_on_the_embedded_default_makes_the_folder(tmp_path: Path) -> None:
+    output = _ok(run_cli(tmp_path, clean_env(), "setup-storage"))
+    assert output.strip() == f"pacs-masks: local storage ready in {tmp_path / 'var' / 'storage'}"
+    assert (tmp_path / "var" / "storage").is_dir()
