@@ -245,21 +245,27 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _kill(process: subprocess.Popen[bytes]) -> None:
+def _kill(process: subprocess.Popen[bytes], ports: dict[str, int]) -> None:
     # weed ignores SIGTERM (it waits for in-flight work that never ends in a test).
     process.kill()
     process.wait(timeout=10)
+    # Killed, it cannot remove the gRPC sockets it made at a fixed place in /tmp.
+    for component in ("master", "volume", "filer", "s3"):
+        grpc_port = ports[f"-{component}.port.grpc"]
+        Path(f"/tmp/seaweedfs-{component}-grpc-{grpc_port}.sock").unlink(missing_ok=True)
 
 
 def _start_weed(
     binary: str, base: Path, config: Path, log_path: Path
-) -> tuple[subprocess.Popen[bytes], int, float] | None:
-    """The process, its S3 port and its start time once S3 answers; None if it exited."""
+) -> tuple[subprocess.Popen[bytes], dict[str, int], float] | None:
+    """The process, its ports and its start time once S3 answers; None if it exited."""
     ports = dict(zip(_WEED_PORT_FLAGS, _free_ports(len(_WEED_PORT_FLAGS)), strict=True))
     data = base / "data"
     data.mkdir(exist_ok=True)
     command = [
         binary,
+        # glog's files, which would otherwise pile up in /tmp.
+        f"-logdir={base}",
         "server",
         f"-dir={data}",
         "-ip=127.0.0.1",
@@ -287,11 +293,12 @@ def _start_weed(
     port = ports["-s3.port"]
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            _kill(process, ports)
             return None
         if _answers_http("127.0.0.1", port):
-            return process, port, time.monotonic() - started
+            return process, ports, time.monotonic() - started
         time.sleep(0.05)
-    _kill(process)
+    _kill(process, ports)
     return None
 
 
@@ -323,14 +330,14 @@ def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed
             tail = log_path.read_text(errors="replace")[-2000:]
         shutil.rmtree(base, ignore_errors=True)
         unavailable(f"SeaweedFS did not start: {tail or 'no output'}")
-    process, port, start_seconds = started
+    process, ports, start_seconds = started
     try:
         yield SeaweedServer(
-            endpoint_url=f"http://127.0.0.1:{port}",
+            endpoint_url=f"http://127.0.0.1:{ports['-s3.port']}",
             access_key=access_key,
             secret_key=secret_key,
             start_seconds=start_seconds,
         )
     finally:
-        _kill(process)
+        _kill(process, ports)
         shutil.rmtree(base, ignore_errors=True)
