@@ -72,7 +72,8 @@ async def test_counters_move_with_a_real_flow(stack: Stack) -> None:
         )
         == 1
     )
-    # The four GraphQL calls, and the first scrape; never the path or its query string.
+    # Five GraphQL calls (annotation, group, URLs, completion, the refused completion) and the
+    # first scrape, by route template: never a path or a query string.
     assert (
         moved("pacs_masks_http_requests_total", route="/graphql", method="POST", status="200") == 5
     )
