@@ -11,6 +11,7 @@ from typing import Any, TextIO
 from pythonjsonlogger.json import JsonFormatter
 
 from app.config import Settings
+from app.log_redaction import RedactSecrets
 
 # The running request's scope["state"]: the view adds the user and the operation to it.
 REQUEST_STATE: ContextVar[dict[str, Any] | None] = ContextVar("request_state", default=None)
@@ -56,6 +57,7 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
     handler.addFilter(RequestContextFilter())
+    handler.addFilter(RedactSecrets())
     handler.setFormatter(
         _json_formatter() if uses_json(settings, stream) else _TextFormatter(TEXT_FORMAT)
     )

@@ -57,6 +57,10 @@ STORAGE_ERRORS = Counter(
     f"{PREFIX}_storage_errors", "storage unreachable or refusing, by where", ["where"]
 )
 DATABASE_ERRORS = Counter(f"{PREFIX}_database_errors", "database errors, by where", ["where"])
+SWEEPS = Counter(f"{PREFIX}_sweeps", "storage sweeps run (dry runs not counted)")
+SWEPT_OBJECTS = Counter(f"{PREFIX}_swept_objects", "objects the sweeper removed, by kind", ["kind"])
+SWEPT_BYTES = Counter(f"{PREFIX}_swept_bytes", "bytes the sweeper removed, by kind", ["kind"])
+SWEEP_ERRORS = Counter(f"{PREFIX}_sweep_errors", "storage errors met by the sweeper")
 
 # What committed audited actions add to the counters: (action, slice counter, byte counter).
 _ACTION_COUNTERS = {
@@ -137,3 +141,12 @@ def count_unexpected(error: BaseException | None, where: str) -> None:
     (they become STORAGE_UNAVAILABLE); a bare OSError is the driver failing to connect."""
     if isinstance(error, SQLAlchemyError | OSError):
         DATABASE_ERRORS.labels(where).inc()
+
+
+def count_sweep(deleted: tuple[int, int], debris: tuple[int, int], errors: int) -> None:
+    """One finished sweep: (objects, bytes) of deleted groups and of upload debris."""
+    SWEEPS.inc()
+    for kind, (objects, size) in (("deleted_group", deleted), ("debris", debris)):
+        SWEPT_OBJECTS.labels(kind).inc(objects)
+        SWEPT_BYTES.labels(kind).inc(size)
+    SWEEP_ERRORS.inc(errors)

@@ -26,11 +26,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from app.auth import Role, authenticate, bearer_token
+from app.auth import authenticate, bearer_token
 from app.config import Settings
 from app.errors import AppError
 from app.metrics import DATABASE_ERRORS, PREFIX, count_unexpected
 from app.models import utcnow
+from app.principals import Role
+from app.state import services_of
 from app.usage import UsageGrouping, UsageRow, storage_usage
 
 log = logging.getLogger(__name__)
@@ -77,9 +79,11 @@ async def _allowed(request: Request, settings: Settings) -> Response | None:
         token.encode("utf-8"), settings.metrics_token.encode("utf-8")
     ):
         return None
-    state = request.app.state
+    services = services_of(request)
     try:
-        principal = await authenticate(state.sessionmaker, token, oidc=state.oidc, now=utcnow())
+        principal = await authenticate(
+            services.sessionmaker, token, oidc=services.oidc, now=utcnow()
+        )
     except AppError as error:
         return PlainTextResponse(error.message, status_code=401, headers=challenge)
     except Exception as error:
@@ -93,13 +97,13 @@ async def _allowed(request: Request, settings: Settings) -> Response | None:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    settings: Settings = request.app.state.settings
-    refusal = await _allowed(request, settings)
+    services = services_of(request)
+    refusal = await _allowed(request, services.settings)
     if refusal is not None:
         return refusal
     body = generate_latest(_registry())
     try:
-        async with request.app.state.sessionmaker() as session:
+        async with services.sessionmaker() as session:
             rows = await storage_usage(session, UsageGrouping.MODEL)
     except SQLAlchemyError:
         # The request metrics still help most when the database is the thing that is down.

@@ -12,10 +12,11 @@ from commands import BIN, clean_env, run_cli, served
 from conftest import base_settings
 from sqlalchemy import select
 
-from app.auth import Principal, Role, authenticate
+from app.auth import authenticate
 from app.db import create_engine, create_sessionmaker
 from app.errors import Unauthenticated
 from app.models import ApiToken, AuditEvent, utcnow
+from app.principals import Principal, Role
 
 
 def _free_port() -> int:
@@ -37,7 +38,9 @@ def test_serve_on_the_embedded_default(tmp_path: Path) -> None:
             url, json={"query": CREATE}, headers={"Authorization": f"Bearer {server.token}"}
         ).json()
         assert created == {"data": {"createAnnotation": {"id": "1", "createdBy": "admin"}}}
-    assert url in server.stdout.read_text()
+    printed = server.stdout.read_text()
+    assert f"GraphiQL at {url}" in printed
+    assert f"viewer at {server.base_url}/viewer/" in printed
     assert (tmp_path / "var" / "pacs-masks.db").exists()
     assert (tmp_path / "var" / "storage").is_dir()
 

@@ -17,6 +17,8 @@ from botocore.config import Config
 from commands import clean_env, run_cli
 from storage_servers import MotoServer, SeaweedServer
 
+from app.cli_failures import ExitCode
+
 ROOT = Path(__file__).resolve().parent.parent
 VIEWER = "http://viewer.hospital.test"
 OTHER_VIEWER = "https://pacs.hospital.test"
@@ -174,18 +176,18 @@ def test_unreachable_storage_fails_with_one_line(tmp_path: Path) -> None:
         AWS_SECRET_ACCESS_KEY="y",
     )
     result = run_cli(tmp_path, env, "setup-storage")
-    assert result.returncode == 1
+    assert result.returncode == ExitCode.STORAGE
     assert "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("pacs-masks:")]
-    assert "storage set-up failed" in line
+    assert "storage unavailable" in line
 
 
 def test_invalid_settings_fail_with_one_line(tmp_path: Path) -> None:
     result = run_cli(tmp_path, clean_env(S3_MASK_EXPIRY_DAYS="0"), "setup-storage")
-    assert result.returncode == 2
+    assert result.returncode == ExitCode.CONFIGURATION
     assert result.stderr.strip() == (
-        "pacs-masks: invalid configuration: S3_MASK_EXPIRY_DAYS: "
-        "Input should be greater than or equal to 1"
+        "pacs-masks: invalid setting: S3_MASK_EXPIRY_DAYS: "
+        "Input should be greater than or equal to 1; fix the environment or .env"
     )
 
 

@@ -110,7 +110,7 @@ async def test_usage_command_refuses_an_unknown_grouping(tmp_path: Path) -> None
 
 def _before_object_count(url: str) -> None:
     """A database at the revision before object_count, with one group of three masks."""
-    command.upgrade(alembic_config(url), "7c1e9a2b4d10")
+    command.upgrade(alembic_config(url), "3f9c2d7e8a41")
     engine = sqlalchemy.create_engine(url.replace("+aiosqlite", ""))
     now = "2026-11-01 10:00:00.000000"
     with engine.begin() as connection:

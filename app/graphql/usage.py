@@ -5,11 +5,11 @@ from __future__ import annotations
 import strawberry
 
 from app import usage
-from app.auth import Role, require
 from app.graphql.context import Info
 from app.graphql.types import BigInt
+from app.principals import Role, require
 
-# Registers the domain enum with GraphQL in place, as auth.Role is.
+# Registers the domain enum with GraphQL in place, as principals.Role is.
 StorageUsageGrouping = strawberry.enum(
     usage.UsageGrouping,
     name="StorageUsageGrouping",
