@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
     aws_session_token: str | None = None
+    # Off by default: storage would delete objects whose rows remain (setup-storage applies it).
+    s3_mask_expiry_days: int | None = Field(None, ge=1)
     storage_connect_timeout: float = Field(5.0, gt=0)
     storage_read_timeout: float = Field(30.0, gt=0)
     storage_max_attempts: int = Field(3, ge=1, le=10)
@@ -99,6 +101,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    # auto: human-readable text on a terminal, JSON lines otherwise (log collectors).
+    log_format: Literal["auto", "json", "text"] = "auto"
+    metrics_token: str | None = Field(None, min_length=16)
+    metrics_public: bool = False
 
     @field_validator(
         "allowed_content_types",

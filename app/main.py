@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import DisableIntrospection
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from app.access import AccessMiddleware
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker
 from app.dicom import routes as dicom_routes
@@ -29,6 +30,7 @@ from app.graphql.schema import create_schema
 from app.graphql.view import graphql_endpoint
 from app.jobs import Job, JobContext, JobRunner, owner_name
 from app.local_storage import ROUTE_METHODS, ROUTE_PATH, LocalStorage
+from app.metrics_http import metrics_endpoint
 from app.oidc import OidcConfig, OidcVerifier
 from app.routes import healthz, local_object, readyz, view_mask
 from app.s3 import S3Storage
@@ -116,6 +118,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *dicom_routes.ROUTES,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         *static_routes(settings),
     ]
     if settings.storage_provider == "local":
@@ -155,6 +158,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     middleware = [
         Middleware(RequestIdMiddleware),
+        Middleware(AccessMiddleware),
         Middleware(BodyDeadlineMiddleware, timeout=settings.request_body_timeout),
     ]
     if settings.forwarded_allow_ips:

@@ -103,6 +103,8 @@ class MaskGroup(Base):
     )
     # Kept with the registering statement so the group list never aggregates its masks.
     uploaded_slice_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Stored objects (a slice with labels has several): storage usage sums these.
+    object_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     total_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     # Latest expiry of a PUT URL issued for the group: an upload can land until then, so
     # storage cleanup after a delete must look again at that moment.

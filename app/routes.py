@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from app.auth import CHALLENGE, AuthenticationUnavailable, authenticate_request
 from app.errors import Unauthenticated
 from app.local_storage import LocalStorage
+from app.metrics import DATABASE_ERRORS, STORAGE_ERRORS
 from app.models import MAX_ID
 from app.readiness import readiness
 from app.slices import find_mask
@@ -28,6 +29,8 @@ async def readyz(request: Request) -> Response:
     services = services_of(request)
     timeout = services.settings.readiness_timeout
     states, problems = await readiness(services.engine, services.storage, timeout)
+    if states["database"] != "ok":
+        DATABASE_ERRORS.labels("readyz").inc()
     if problems:
         logger.warning("readiness: %s", "; ".join(problems))
     ready = all(state == "ok" for state in states.values())
@@ -81,6 +84,7 @@ async def view_mask(request: Request) -> Response:
         stream = await services.storage.open(row.file_path)
     except StorageError:
         logger.exception("view: storage unavailable for %s", row.file_path)
+        STORAGE_ERRORS.labels("view").inc()
         return PlainTextResponse("storage unavailable", status_code=503)
     if stream is None:
         return PlainTextResponse("object missing from storage", status_code=404)

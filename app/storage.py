@@ -26,6 +26,15 @@ class StorageError(Exception):
     """Storage could not be reached or refused a request we expected it to accept."""
 
 
+class StorageRefused(StorageError):
+    """The server answered with an error; callers that expect some codes inspect `code`."""
+
+    def __init__(self, operation: str, code: str, status: int) -> None:
+        super().__init__(f"S3 {operation} failed: {code} (HTTP {status})")
+        self.code = code
+        self.status = status
+
+
 def group_prefix(annotation_id: int, group_id: int) -> str:
     return f"{KEY_ROOT}/{annotation_id}/{group_id}/"
 

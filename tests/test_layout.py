@@ -107,6 +107,9 @@ LAYERS = [
             "app.s3",
             "app.sigv4",
             "app.local_storage",
+            "app.bucket_setup",
+            # Counters only; the domain counts what it does where it happens.
+            "app.metrics",
         },
     ),
     (
@@ -128,6 +131,8 @@ LAYERS = [
             "app.sweeper",
             "app.readiness",
             "app.log_redaction",
+            "app.logging_setup",
+            "app.usage",
             # DICOM SEG: domain reads, storage and the PACS; transport calls it.
             "app.dicom",
             "app.dicom.source",
@@ -146,6 +151,8 @@ LAYERS = [
             "app.auth",
             "app.cli",
             "app.cli_failures",
+            "app.access",
+            "app.metrics_http",
             "app.slow_clients",
             "app.static_routes",
             "app.dicom.routes",

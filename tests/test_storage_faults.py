@@ -14,11 +14,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import Stack, open_stack, reset
+from conftest import Stack, open_stack, reset, unavailable
 from flows import create_annotation, create_group, upload
 from operations import COMPLETE, DELETE_GROUP, TREE
 from sqlalchemy import select
-from storage_servers import _answers_http, _free_port, _unavailable, s3_settings
+from storage_servers import _answers_http, _free_port, s3_settings
 
 from app.jobs import JobContext
 from app.models import StorageDeletion, utcnow
@@ -28,6 +28,8 @@ STORAGE_TIMEOUTS = {
     "storage_connect_timeout": 1.0,
     "storage_read_timeout": 1.5,
     "storage_max_attempts": 2,
+    # /readyz waits this long for the frozen storage; it must stay responsive.
+    "readiness_timeout": 1.0,
 }
 CONCURRENT_COMPLETIONS = 32
 # Not a speed test: a query that waited for a pooled connection or a lock would take the
@@ -50,7 +52,7 @@ def moto_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]
         deadline = time.monotonic() + 20
         while not _answers_http("127.0.0.1", port):
             if process.poll() is not None or time.monotonic() > deadline:
-                _unavailable(f"moto server did not start: {(tmp_path / 'moto.log').read_text()}")
+                unavailable(f"moto server did not start: {(tmp_path / 'moto.log').read_text()}")
             time.sleep(0.05)
         yield process, f"http://127.0.0.1:{port}"
     finally:

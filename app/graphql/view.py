@@ -28,12 +28,15 @@ from app.graphql.cost import QueryCost
 from app.graphql.limits import check_document
 from app.graphql.schema import Schema
 from app.graphql.variables import check_list_lengths, check_text
+from app.metrics import count_unexpected, operation_label
 from app.state import request_id_of, services_of
 from app.static_routes import graphiql_page
 from app.storage import StorageError
 
 logger = logging.getLogger("app.graphql")
 
+# The "field" of errors that refuse the request as a whole, in metrics.
+REQUEST_FIELD = "(request)"
 JSON_MEDIA = "application/json"
 GRAPHQL_RESPONSE_MEDIA = "application/graphql-response+json"
 
@@ -119,6 +122,7 @@ def format_error(error: GraphQLError, request_id: str) -> dict[str, Any]:
         formatted["extensions"] = {"code": "BAD_USER_INPUT"}
     else:
         # Internals (SQL, stack, paths) stay in our log; the client gets the id to quote.
+        count_unexpected(original, str(error.path[0]))
         logger.error(
             "unexpected error in %s (request %s)",
             ".".join(str(part) for part in error.path or []) or "operation",
@@ -152,6 +156,8 @@ async def _serve_graphql(schema: Schema, query_cost: QueryCost, request: Request
         if not settings.graphiql:
             return PlainTextResponse("GraphiQL is switched off", status_code=404)
         return graphiql_page(settings)
+    # Until the document is parsed, a refused request counts as an invalid operation.
+    request.state.operation = operation_label(None, None)
     media = _accepted_media(request)
     if media is None:
         return JSONResponse(
@@ -187,8 +193,10 @@ async def _serve_graphql(schema: Schema, query_cost: QueryCost, request: Request
             check_list_lengths(operation, variables, max_items=settings.max_slices_per_call)
             check_text(query, document, variables)
             query_cost.check(document, operation, variables, limit=settings.max_query_cost)
+        request.state.operation = operation_label(document, operation_name)
         principal = await authenticate_request(request)
     except RequestError as error:
+        request.state.graphql_errors = [(REQUEST_FIELD, "BAD_USER_INPUT")]
         return _respond(
             {"errors": [{"message": error.message, "extensions": {"code": "BAD_USER_INPUT"}}]},
             error.status,
@@ -196,6 +204,7 @@ async def _serve_graphql(schema: Schema, query_cost: QueryCost, request: Request
             error.headers,
         )
     except AppError as error:
+        request.state.graphql_errors = [(REQUEST_FIELD, error.code)]
         status = 400
         if isinstance(error, Unauthenticated):
             status = 401
@@ -235,6 +244,12 @@ async def _serve_graphql(schema: Schema, query_cost: QueryCost, request: Request
     )
     if not is_request_error:
         payload["data"] = result.data
+    else:
+        request.state.operation = operation_label(None, None)
+    request.state.graphql_errors = [
+        (str((error.get("path") or [REQUEST_FIELD])[0]), error["extensions"]["code"])
+        for error in payload.get("errors", ())
+    ]
     status = 400 if is_request_error and media == GRAPHQL_RESPONSE_MEDIA else 200
     return _respond(payload, status, media)
 
