@@ -48,6 +48,7 @@ from app.errors import BadUserInput
 MASK_GROUPS_PER_ANNOTATION = 10  # one group per model run or drawing
 MASKS_PER_GROUP = 1000  # a CT/MR series of up to ~1000 slices, one label
 SIGNED_HEADERS = 4  # Content-Type, Content-MD5 (and a spare for other backends)
+USAGE_ROWS = 1000  # storageUsage: models, modalities or days of a few years; rows are scalars
 # Counting stops here: every value the analysis handles stays a small integer.
 CEILING = 2**53
 
@@ -68,6 +69,7 @@ def list_bounds(max_slices_per_call: int) -> dict[tuple[str, str], int]:
         ("CompleteMaskUploadPayload", "masks"): max_slices_per_call,
         ("MaskUploadTarget", "headers"): SIGNED_HEADERS,
         ("SignedUrl", "headers"): SIGNED_HEADERS,
+        ("Query", "storageUsage"): USAGE_ROWS,
     }
 
 
