@@ -116,6 +116,7 @@ LAYERS = [
             "app.upload_urls",
             "app.completion",
             "app.deletion",
+            "app.restoration",
             "app.slices",
             "app.validation",
             "app.tokens",
