@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+from graphql import build_schema, parse, validate
+
+from app.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,3 +42,73 @@ def test_security_page_names_every_audit_action() -> None:
         "token.revoke",
     ):
         assert f"`{action}`" in page
+
+
+def _documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def _prose(text: str) -> str:
+    """The text a Markdown renderer turns into links: fenced blocks and code spans removed."""
+    text = re.sub(r"(?ms)^```.*?^```", "", text)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def test_no_link_leaves_the_repository() -> None:
+    """A clone has nothing but the repository: links to ../shared, or to the internet, are
+    dead for its readers (the contract they see is schema.graphql)."""
+    leaving: list[str] = []
+    for document in _documents():
+        text = document.read_text()
+        name = document.relative_to(ROOT).as_posix()
+        if "../shared" in text:
+            leaving.append(f"{name}: mentions ../shared")
+        prose = _prose(text)
+        targets = re.findall(r"\]\(\s*([^)\s]+)", prose)
+        targets += re.findall(r"(?m)^\s*\[[^\]]+\]:\s*(\S+)", prose)
+        targets += re.findall(r"<([a-z][a-z0-9+.-]*:[^>\s]+)>", prose)
+        # Bare URLs outside code: renderers link them by themselves.
+        targets += re.findall(r"(?<![(<\w])(?:https?|ftp)://[^\s)>\]]+", prose)
+        for target in targets:
+            path = target.split("#", 1)[0]
+            if re.match(r"[a-z][a-z0-9+.-]*:", target, re.IGNORECASE):
+                leaving.append(f"{name}: {target} is outside the repository")
+            elif path:
+                resolved = (document.parent / path).resolve()
+                if not resolved.is_relative_to(ROOT):
+                    leaving.append(f"{name}: {target} is outside the repository")
+                elif not resolved.exists():
+                    leaving.append(f"{name}: {target} does not exist")
+    assert leaving == []
+
+
+SPEC = ROOT / "docs" / "specs" / "pacs_mask_upload_v2.md"
+
+
+def test_spec_examples_are_valid_against_the_schema() -> None:
+    schema = build_schema((ROOT / "schema.graphql").read_text())
+    examples = re.findall(r"```graphql\n(.*?)```", SPEC.read_text(), re.DOTALL)
+    assert len(examples) >= 9
+    for example in examples:
+        assert validate(schema, parse(example)) == [], example
+
+
+def test_spec_covers_the_seed_deliverable() -> None:
+    text = SPEC.read_text()
+    for heading in (
+        "Architecture",
+        "Data model",
+        "Key rule",
+        "API, with examples",
+        "Flows",
+        "Security model",
+        "Limits",
+        "Performance",
+    ):
+        assert re.search(rf"(?m)^## \d+\. {re.escape(heading)}$", text), heading
+    diagrams = re.findall(r"```mermaid\n(.*?)```", text, re.DOTALL)
+    sequences = [diagram for diagram in diagrams if diagram.startswith("sequenceDiagram")]
+    assert len(sequences) == 2  # the viewer's flow and the inference flow
+    # Every setting a limit names exists.
+    for name in re.findall(r"`([A-Z][A-Z_]+)`", text[text.index("## 7. Limits") :]):
+        assert name.lower() in Settings.model_fields, name
