@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import re
 from pathlib import Path
 
 from graphql import build_schema, parse, validate
+from sqlalchemy import text
 
+from app.cli import build_parser
 from app.config import Settings
+from app.db import create_engine, upgrade_database
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,3 +117,70 @@ def test_spec_covers_the_seed_deliverable() -> None:
     # Every setting a limit names exists.
     for name in re.findall(r"`([A-Z][A-Z_]+)`", text[text.index("## 7. Limits") :]):
         assert name.lower() in Settings.model_fields, name
+
+
+OPERATIONS = ROOT / "docs" / "operations.md"
+
+
+def test_runbook_has_every_entry() -> None:
+    text = OPERATIONS.read_text()
+    for heading in (
+        "## Storage sweeper and orphans",
+        "## Restoring a deleted group",
+        "## PACS: DICOM SEG export and import",
+        "### Storage down",
+        "### Database down",
+        "### Expired URLs",
+        "### Orphans and the sweeper",
+        "### Restoring a deleted group",
+        "### Rotating S3 credentials and tokens",
+        "### Changing the S3 prefix policy",
+        "### Backup and restore of database and bucket together",
+        "### Upgrading with migrations",
+        "### Reading the metrics and logs",
+    ):
+        assert f"\n{heading}\n" in text, heading
+
+
+def test_documented_commands_exist() -> None:
+    """Every `pacs-masks COMMAND --option` the documents show is one the CLI accepts."""
+    parser = build_parser()
+    commands = next(
+        action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+    ).choices
+    for document in _documents():
+        for line in re.findall(r"pacs-masks ([a-z][a-z-]+[^\n`|]*)", document.read_text()):
+            words = line.split()
+            name = words[0]
+            if name in ("serve", "migrate") or name in commands:
+                options = {word.split("=")[0] for word in words[1:] if word.startswith("--")}
+                known = {
+                    option for action in commands[name]._actions for option in action.option_strings
+                }
+                assert options <= known, f"{document.name}: pacs-masks {line}"
+            else:
+                assert not re.fullmatch(r"[a-z]+(-[a-z]+)+", name) or name in commands, (
+                    f"{document.name}: pacs-masks {name} is no command"
+                )
+
+
+async def test_runbook_queries_run(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'runbook.db'}"
+    await asyncio.to_thread(upgrade_database, url)
+    queries = [
+        statement.strip()
+        for block in re.findall(r"```sql\n(.*?)```", OPERATIONS.read_text(), re.DOTALL)
+        for statement in block.split(";")
+        if statement.strip()
+    ]
+    # ... and the inline ones (`SELECT ... FROM ...`), not prose that quotes SQL syntax.
+    inline = re.findall(r"`(SELECT [^`]+ FROM [^`]+)`", OPERATIONS.read_text().replace("\n", " "))
+    queries += inline
+    assert len(queries) >= 4
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            for query in queries:
+                await connection.execute(text(query))
+    finally:
+        await engine.dispose()
