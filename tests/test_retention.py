@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from conftest import Stack, base_settings, open_stack
+from conftest import Stack, base_settings, open_stack, reset
 from flows import create_annotation, create_group, slice_inputs, upload
 from operations import COMPLETE, DELETE_GROUP, REQUEST_URLS, TREE
 from sqlalchemy import func, select
@@ -123,7 +123,11 @@ async def test_delete_hides_restore_brings_back_sweeper_purges(
     retained_settings: Settings,
 ) -> None:
     async with open_stack("retained", retained_settings) as stack:
-        await _delete_restore_purge(stack)
+        try:
+            await _delete_restore_purge(stack)
+        finally:
+            # The PostgreSQL database is the session's, shared with the other files.
+            await reset(stack)
 
 
 async def _delete_restore_purge(stack: Stack) -> None:
