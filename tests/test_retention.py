@@ -14,6 +14,7 @@ from conftest import Stack, base_settings, open_stack, reset
 from flows import create_annotation, create_group, slice_inputs, upload
 from operations import COMPLETE, DELETE_GROUP, REQUEST_URLS, TREE
 from sqlalchemy import func, select
+from test_events import live, subscribers
 
 from app.config import Settings
 from app.jobs import JobContext
@@ -184,3 +185,22 @@ async def _delete_restore_purge(stack: Stack) -> None:
         "mask_group.restore",
         "mask_group.delete",
     ]
+
+
+async def test_subscribers_see_the_delete_and_the_restore(retained_settings: Settings) -> None:
+    async with open_stack("retained", retained_settings) as stack:
+        try:
+            annotation_id = await create_annotation(stack)
+            async with live(stack.base_url, stack.tokens["reader"]) as client:
+                await client.subscribe(annotation_id)
+                await subscribers(stack, annotation_id)
+                group_id = await create_group(stack, annotation_id, 1)
+                assert (await client.event())["kind"] == "CREATED"
+                await stack.data(DELETE_GROUP, {"id": group_id})
+                deleted = await client.event()
+                assert (deleted["kind"], deleted["maskGroupId"]) == ("DELETED", group_id)
+                await stack.data(RESTORE, {"id": group_id}, as_="admin")
+                restored = await client.event()
+                assert (restored["kind"], restored["maskGroupId"]) == ("CREATED", group_id)
+        finally:
+            await reset(stack)
