@@ -1,21 +1,30 @@
 # syntax=docker/dockerfile:1
-# pacs-masks API server. Every dependency ships manylinux wheels for CPython 3.11 (asyncpg,
-# uvloop, httptools, ...), so the slim image needs no compiler.
+# pacs-masks API server. Two stages: the dependencies are installed into a virtualenv in the
+# first, and only that virtualenv and the code reach the final image (no pip cache, no build
+# leftovers). Every dependency ships manylinux wheels for CPython 3.11 (asyncpg, uvloop,
+# httptools, ...), so neither stage needs a compiler.
+FROM python:3.11-slim AS deps
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Dependencies read from pyproject.toml alone, so editing the code reuses this stage.
+COPY pyproject.toml /tmp/pyproject.toml
+RUN python -m venv /opt/venv \
+    && python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && /opt/venv/bin/pip install -r /tmp/requirements.txt
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
 
 WORKDIR /srv/pacs-masks
-
-# Dependencies first, read from pyproject.toml alone, so editing the code reuses this layer.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+COPY --from=deps /opt/venv /opt/venv
 
 # Editable on purpose: app/db.py finds the Alembic scripts at <checkout>/migrations, next to
 # the `app` package. A regular `pip install .` would put `app` in site-packages without them.
@@ -37,6 +46,8 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 
+# Configuration only through the environment (see the README's table); no file is read but
+# an optional .env in the working directory, which the image does not contain.
 # Migrate, then replace the shell with the server so it is PID 1 and receives SIGTERM.
 # Alembic takes no lock against concurrent upgrades: with several replicas, run `pacs-masks migrate`
 # once as a release step and start the replicas with `pacs-masks serve --host 0.0.0.0 --port 8000`.

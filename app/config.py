@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     # None: 2 x SIGNED_URL_MAX_TTL.
     cleanup_grace_seconds: int | None = Field(None, ge=1)
 
+    # Seconds a deleted group is kept (invisible, restorable by restoreMaskGroup) before the
+    # sweeper purges its rows and objects; 0 deletes at once.
+    deleted_group_retention: int = Field(0, ge=0)
+
     signed_url_default_ttl: int = Field(600, ge=1)
     signed_url_max_ttl: int = Field(3600, ge=1)
     max_mask_size_bytes: int = Field(64 * 1024 * 1024, ge=1)

@@ -46,10 +46,12 @@ class Purge:
 
 
 async def delete_mask_group(
-    session: AsyncSession, actor: Actor, *, group_id: int, now: datetime
+    session: AsyncSession, actor: Actor, *, group_id: int, now: datetime, retention: int = 0
 ) -> GroupDeletion:
     """Drop the group's rows and record its storage prefix for removal, in one transaction,
-    so no object is ever left without a record that it must go."""
+    so no object is ever left without a record that it must go. With a `retention` (seconds)
+    the rows are only marked deleted, and the record falls due when the window closes: until
+    then `restoration.restore_mask_group` can bring the group back."""
     require(actor.principal, Role.UPLOADER)
     group = await lock_own_group(session, actor, group_id, field="id")
     mask_count = await session.scalar(
@@ -61,7 +63,7 @@ async def delete_mask_group(
         .values(
             prefix=prefix,
             mask_group_id=group.id,
-            not_before=now,
+            not_before=now + timedelta(seconds=retention),
             attempts=0,
             created_at=now,
             urls_expire_at=group.upload_expires_at,
@@ -69,8 +71,11 @@ async def delete_mask_group(
         .returning(StorageDeletion.id)
     )
     assert deletion_id is not None
-    # Masks and pending uploads go with the group (ON DELETE CASCADE).
-    await session.execute(delete(MaskGroup).where(MaskGroup.id == group_id))
+    if retention:
+        group.deleted_at, group.deleted_by = now, actor.principal.user
+    else:
+        # Masks and pending uploads go with the group (ON DELETE CASCADE).
+        await session.execute(delete(MaskGroup).where(MaskGroup.id == group_id))
     await record(
         session,
         actor,
@@ -78,6 +83,7 @@ async def delete_mask_group(
         group=group,
         slice_count=mask_count or 0,
         byte_count=group.total_bytes,
+        detail={"retainedSeconds": retention} if retention else None,
     )
     return GroupDeletion(
         mask_group_id=group.id,

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    ColumnElement,
     DateTime,
     Enum,
     Float,
@@ -16,10 +17,19 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    event,
+    exists,
     func,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import (
+    Mapped,
+    ORMExecuteState,
+    Session,
+    mapped_column,
+    relationship,
+    with_loader_criteria,
+)
 
 from app.db import Base
 from app.principals import Role
@@ -109,6 +119,10 @@ class MaskGroup(Base):
     # Latest expiry of a PUT URL issued for the group: an upload can land until then, so
     # storage cleanup after a delete must look again at that moment.
     upload_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set when deleteMaskGroup keeps the group for DELETED_GROUP_RETENTION seconds: every
+    # query stops seeing it (`hide_deleted_groups`) until restoreMaskGroup or the sweeper.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    deleted_by: Mapped[str | None] = mapped_column(Text)
 
     annotation: Mapped[Annotation] = relationship(back_populates="mask_groups", lazy="raise")
     masks: Mapped[list[Mask]] = relationship(
@@ -174,6 +188,40 @@ class MaskUpload(Base):
     content_md5: Mapped[str] = mapped_column(String(32))
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# Deleted groups (and their masks) are invisible to every ORM read unless the statement asks
+# with `.execution_options(include_deleted=True)`: restore and the sweeper do. A plain table
+# alias, not the mapped class, so the criteria below do not filter their own subquery.
+_DELETED_GROUP = MaskGroup.__table__.alias("deleted_group")
+INCLUDE_DELETED = {"include_deleted": True}
+
+
+@event.listens_for(Session, "do_orm_execute")
+def hide_deleted_groups(state: ORMExecuteState) -> None:
+    if (
+        not state.is_select
+        or state.is_column_load
+        or state.is_relationship_load
+        or state.execution_options.get("include_deleted", False)
+    ):
+        return
+    state.statement = state.statement.options(
+        with_loader_criteria(
+            MaskGroup, lambda group: group.deleted_at.is_(None), include_aliases=True
+        ),
+        with_loader_criteria(
+            Mask, lambda mask: in_live_group(mask.mask_group_id), include_aliases=True
+        ),
+    )
+
+
+def in_live_group(mask_group_id: Any) -> ColumnElement[bool]:
+    """The condition for a mask's (or upload's) `mask_group_id` column, for Core reads the
+    criteria above do not reach."""
+    return ~exists().where(
+        _DELETED_GROUP.c.id == mask_group_id, _DELETED_GROUP.c.deleted_at.is_not(None)
+    )
 
 
 class StorageDeletion(Base):

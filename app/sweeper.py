@@ -36,6 +36,7 @@ from app.deletion import GroupDeletion, Purge, purge, settle_purge
 from app.jobs import JobContext, acquire_lease, claim_due, release_lease
 from app.metrics import count_sweep
 from app.models import Mask, MaskGroup, MaskUpload, StorageDeletion, utcnow
+from app.restoration import purge_deleted_rows
 from app.storage import KEY_ROOT, ListedObject, StorageError
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,8 @@ async def _sweep_deletions(context: JobContext, report: SweepReport, now: dateti
                 where=_IS_GROUP_PREFIX,
             )
             claimed = [_as_deletion(row) for row in rows]
+            # A retained group's window has closed: its rows go before its objects.
+            await purge_deleted_rows(session, {row.mask_group_id for row in claimed})
         if not claimed:
             return
         for deletion in claimed:

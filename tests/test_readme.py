@@ -2,60 +2,64 @@
 
 from __future__ import annotations
 
-import base64
-import json
+import asyncio
 import re
+import shutil
 from pathlib import Path
-from typing import Any
 
-import httpx
-from conftest import Stack, base_settings, open_stack
+from conftest import base_settings, open_stack, unavailable
 
 from app.config import Settings
+from app.db import upgrade_database
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
 
-def _examples() -> list[tuple[str, dict[str, Any]]]:
-    pattern = re.compile(r"```graphql\n(.*?)```\n```json\n(.*?)```", re.DOTALL)
-    return [(query, json.loads(variables)) for query, variables in pattern.findall(README)]
+def upload_sequence_script() -> str:
+    """The shell blocks of "The upload sequence", in order, as one bash script."""
+    section = README[README.index("## The upload sequence") : README.index("## API\n")]
+    return "\n".join(re.findall(r"```sh\n(.*?)```", section, re.DOTALL))
 
 
-async def test_upload_sequence_examples_run(tmp_path: Path) -> None:
-    png = base64.b64decode(re.search(r"echo '([A-Za-z0-9+/=]+)' \| base64 -d", README).group(1))  # type: ignore[union-attr]
-    examples = _examples()
-    assert len(examples) == 6
+def _with_server(script: str, base_url: str, token: str) -> str:
+    # The two values the README asks the reader to set; everything else runs as written.
+    script, pacs = re.subn(r"(?m)^PACS=\S+$", f"PACS={base_url}", script)
+    script, tokens = re.subn(r"(?m)^TOKEN=\S+(.*)$", f"TOKEN={token}", script)
+    assert (pacs, tokens) == (1, 1), "the README no longer sets PACS and TOKEN once"
+    return "set -euo pipefail\n" + script
+
+
+async def test_upload_sequence_commands_run(tmp_path: Path) -> None:
+    for tool in ("bash", "curl", "jq", "openssl"):
+        if shutil.which(tool) is None:
+            unavailable(f"{tool} is not installed (.ci/run installs jq)")
     settings = base_settings(
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'readme.db'}", var_dir=tmp_path
     )
-    import asyncio
-
-    from app.db import upgrade_database
-
     await asyncio.to_thread(upgrade_database, settings.resolved_database_url)
     async with open_stack("readme", settings) as stack:
-        results = [await _run(stack, query, variables, png) for query, variables in examples]
-    targets = results[2]["requestMaskUploadUrls"]
-    assert [t["filePath"] for t in targets] == [
-        "mask/1/1/slice_00000.png",
-        "mask/1/1/slice_00001_tumor.png",
-    ]
-    assert results[3]["completeMaskUpload"]["maskGroup"]["status"] == "COMPLETE"
-    tree = results[4]["annotation"]["maskGroups"][0]["masks"]
-    assert tree[0]["viewUrl"].startswith("/api/mask-group/1/view?slice=0&expires=")
-    assert results[5]["deleteMaskGroup"]["deletedObjectCount"] == 2
-
-
-async def _run(stack: Stack, query: str, variables: dict[str, Any], png: bytes) -> dict[str, Any]:
-    data = await stack.data(query, variables)
-    for target in data.get("requestMaskUploadUrls", []):
-        # Step 4, as the curl line does it.
-        headers = {header["name"]: header["value"] for header in target["headers"]}
-        async with httpx.AsyncClient() as client:
-            response = await client.put(target["url"], content=png, headers=headers)
-        assert response.status_code == 200, response.text
-    return data
+        script = _with_server(upload_sequence_script(), stack.base_url, stack.tokens["uploader"])
+        process = await asyncio.create_subprocess_exec(
+            "bash",
+            "-c",
+            script,
+            cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
+        output = stdout.decode()
+        assert process.returncode == 0, output + stderr.decode()
+        keys = {item.key async for page in stack.storage.list_objects("mask/") for item in page}
+    assert '"user": "uploader-1"' in output
+    assert "annotation 1" in output
+    assert "mask group 1" in output
+    assert "mask/1/1/slice_00000.png\nmask/1/1/slice_00001_tumor.png" in output
+    assert '"status": "COMPLETE"' in output
+    assert '"deletedObjectCount": 2' in output
+    assert (tmp_path / "viewed_0.png").read_bytes() == (tmp_path / "slice_0.png").read_bytes()
+    assert keys == set()
 
 
 def test_every_setting_is_documented() -> None:

@@ -12,12 +12,14 @@ from sqlalchemy import ColumnElement, Row, Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from strawberry.dataloader import DataLoader
 
-from app.models import Annotation, DicomExport, Mask, MaskGroup
+from app.models import Annotation, DicomExport, Mask, MaskGroup, in_live_group
 
 annotation_table = Annotation.__table__
 group_table = MaskGroup.__table__
 mask_table = Mask.__table__
 export_table = DicomExport.__table__
+# Groups deleted within DELETED_GROUP_RETENTION are invisible until restored.
+LIVE_GROUP = group_table.c.deleted_at.is_(None)
 MASK_ORDER = (mask_table.c.slice_index, func.coalesce(mask_table.c.label_name, ""))
 
 
@@ -65,17 +67,21 @@ class Loaders:
         return _by_key(rows, ids, "id")
 
     async def _mask_groups(self, ids: list[int]) -> list[Row[Any] | None]:
-        rows = await self._rows(select(group_table).where(group_table.c.id.in_(ids)))
+        rows = await self._rows(select(group_table).where(group_table.c.id.in_(ids), LIVE_GROUP))
         return _by_key(rows, ids, "id")
 
     async def _masks_by_id(self, ids: list[int]) -> list[Row[Any] | None]:
-        rows = await self._rows(select(mask_table).where(mask_table.c.id.in_(ids)))
+        rows = await self._rows(
+            select(mask_table).where(
+                mask_table.c.id.in_(ids), in_live_group(mask_table.c.mask_group_id)
+            )
+        )
         return _by_key(rows, ids, "id")
 
     async def _groups_of_annotations(self, ids: list[int]) -> list[list[Row[Any]]]:
         rows = await self._rows(
             select(group_table)
-            .where(group_table.c.annotation_id.in_(ids))
+            .where(group_table.c.annotation_id.in_(ids), LIVE_GROUP)
             .order_by(group_table.c.id)
         )
         return _grouped(rows, ids, "annotation_id")

@@ -37,6 +37,7 @@ from app.graphql.types import (
 from app.graphql.usage import StorageUsage, storage_usage
 from app.metrics import STORAGE_ERRORS
 from app.models import utcnow
+from app.restoration import restore_mask_group
 from app.upload_urls import SliceUpload, request_upload_urls
 from app.validation import parse_id
 
@@ -188,11 +189,24 @@ class Mutation(DicomMutation):
         context = info.context
         async with transaction(context.sessionmaker) as session:
             deleted = await group_state(session, parse_id("id", id))
+            retention = context.settings.deleted_group_retention
             deletion = await delete_mask_group(
-                session, context.actor, group_id=parse_id("id", id), now=utcnow()
+                session,
+                context.actor,
+                group_id=parse_id("id", id),
+                now=utcnow(),
+                retention=retention,
             )
             if deleted is not None:
                 await context.events.publish(session, MaskGroupEvent.of(EventKind.DELETED, deleted))
+        if retention:
+            # Kept for the window: the storage sweeper purges rows and objects after it.
+            return DeleteMaskGroupPayload(
+                id=strawberry.ID(str(deletion.mask_group_id)),
+                deleted_mask_count=deletion.deleted_mask_count,
+                deleted_object_count=0,
+                storage_cleanup_pending=True,
+            )
         outcome = await purge(context.storage, deletion)
         if outcome.failed:
             STORAGE_ERRORS.labels("deleteMaskGroup").inc()
@@ -204,6 +218,18 @@ class Mutation(DicomMutation):
             deleted_object_count=outcome.removed,
             storage_cleanup_pending=pending,
         )
+
+    @strawberry.mutation(
+        description="Bring back a group deleted less than DELETED_GROUP_RETENTION seconds ago, "
+        "with the same masks and stored objects; ADMIN only. NOT_FOUND once purged, CONFLICT "
+        "if the group is not deleted."
+    )
+    async def restore_mask_group(self, info: Info, id: strawberry.ID) -> MaskGroup:
+        context = info.context
+        async with transaction(context.sessionmaker) as session:
+            group = await restore_mask_group(session, context.actor, group_id=parse_id("id", id))
+            await context.events.publish(session, MaskGroupEvent.of(EventKind.CREATED, group))
+        return MaskGroup.from_row(group)
 
 
 class Schema(strawberry.Schema):
