@@ -175,12 +175,16 @@ def _free_socket() -> socket.socket:
 
 
 @contextlib.asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[tuple[Starlette, str]]:
-    """Runs the app under uvicorn on a free loopback port; yields the app and its base URL."""
+async def serve(
+    settings: Settings, *, public_base_url: str | None = None
+) -> AsyncIterator[tuple[Starlette, str]]:
+    """Runs the app under uvicorn on a free loopback port; yields the app and its base URL.
+    `public_base_url` puts something in front of it (a proxy) in the URLs it signs."""
     sock = _free_socket()
     port = sock.getsockname()[1]
+    own_url = f"http://127.0.0.1:{port}"
     settings = settings.model_copy(
-        update={"host": "127.0.0.1", "port": port, "public_base_url": f"http://127.0.0.1:{port}"}
+        update={"host": "127.0.0.1", "port": port, "public_base_url": public_base_url or own_url}
     )
     app = create_app(settings)
     # The server keeps idle connections longer than httpx's pool does (5 s): otherwise a
@@ -196,7 +200,7 @@ async def serve(settings: Settings) -> AsyncIterator[tuple[Starlette, str]]:
             raise RuntimeError("server stopped while starting")
         await asyncio.sleep(0.01)
     try:
-        yield app, settings.resolved_public_base_url
+        yield app, own_url
     finally:
         server.should_exit = True
         await task
@@ -215,9 +219,9 @@ def base_settings(**overrides: Any) -> Settings:
 
 @contextlib.asynccontextmanager
 async def open_stack(
-    name: str, settings: Settings, *, ensure_bucket: bool = True
+    name: str, settings: Settings, *, ensure_bucket: bool = True, public_base_url: str | None = None
 ) -> AsyncIterator[Stack]:
-    async with serve(settings) as (app, base_url):
+    async with serve(settings, public_base_url=public_base_url) as (app, base_url):
         settings = app.state.settings
         engine = create_engine(settings.resolved_database_url)
         storage = app.state.storage
