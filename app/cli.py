@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.audit import Actor
 from app.auth import Principal, Role, create_token, revoke_token
+from app.client.cli import add_client_commands
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker, transaction, upgrade_database
 from app.errors import NotFound
@@ -233,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list-tokens", help="list API tokens (never their secrets)")
     listing.set_defaults(handler=_list_tokens)
+
+    add_client_commands(commands)
     return parser
 
 
