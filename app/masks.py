@@ -106,6 +106,7 @@ class CompletedSlice:
     sop_instance_uid: str | None = None
     width: int | None = None
     height: int | None = None
+    confidence: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,6 +427,8 @@ async def complete_upload(
         for field, value in (("width", item.width), ("height", item.height)):
             if value is not None and not 1 <= value <= MAX_DIMENSION:
                 problems.add(item.slice_index, field, f"{field} must be in 1..{MAX_DIMENSION}")
+        if item.confidence is not None and not 0.0 <= item.confidence <= 1.0:
+            problems.add(item.slice_index, "confidence", "confidence must be between 0 and 1")
     problems.raise_if_any()
 
     indexes = [item.slice_index for item in slices]
@@ -485,6 +488,7 @@ async def complete_upload(
                     "checksum": f"md5:{found.md5_hex}",
                     "width": item.width,
                     "height": item.height,
+                    "confidence": item.confidence,
                     "created_at": now,
                 }
             )

@@ -138,6 +138,8 @@ class Mask(Base):
     checksum: Mapped[str] = mapped_column(String(36))
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
+    # The model's confidence in this slice, 0..1 (optional model metadata).
+    confidence: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     mask_group: Mapped[MaskGroup] = relationship(back_populates="masks", lazy="raise")

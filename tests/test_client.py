@@ -49,7 +49,7 @@ def client_for(stack: Stack, **options: object) -> PacsMasksClient:
 async def masks_of(stack: Stack, group_id: str) -> list[dict[str, object]]:
     data = await stack.data(
         """query($id: ID!) { maskGroup(id: $id) { masks {
-            sliceIndex labelName width height fileSize sopInstanceUid viewUrl } } }""",
+            sliceIndex labelName width height fileSize sopInstanceUid confidence viewUrl } } }""",
         {"id": group_id},
     )
     masks: list[dict[str, object]] = data["maskGroup"]["masks"]
@@ -59,7 +59,7 @@ async def masks_of(stack: Stack, group_id: str) -> list[dict[str, object]]:
 async def test_png_folder_with_manifest(stack: Stack, tmp_path: Path) -> None:
     write_pngs(tmp_path / "out", 7)
     manifest_path = tmp_path / "manifest.csv"
-    rows = "\n".join(f"{index},{SERIES}.{index + 1}," for index in range(7))
+    rows = "\n".join(f"{index},{SERIES}.{index + 1},0.{index}" for index in range(7))
     manifest_path.write_text(f"sliceIndex,sopInstanceUid,confidence\n{rows}\n")
     request = UploadRequest(
         study_instance_uid=STUDY, series_instance_uid=SERIES, model_name="liver-seg"
@@ -85,6 +85,7 @@ async def test_png_folder_with_manifest(stack: Stack, tmp_path: Path) -> None:
         ("liver", 8, 6)
     }
     assert masks[3]["sopInstanceUid"] == f"{SERIES}.4"
+    assert [mask["confidence"] for mask in masks] == [index / 10 for index in range(7)]
     response = await stack.client.get(str(masks[2]["viewUrl"]))
     assert Image.open(io.BytesIO(response.content)).getpixel((0, 2)) == 255
 

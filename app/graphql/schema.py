@@ -214,6 +214,7 @@ class Mutation:
                         sop_instance_uid=item.sop_instance_uid,
                         width=item.width,
                         height=item.height,
+                        confidence=item.confidence,
                     )
                     for item in slices
                 ],

@@ -262,6 +262,9 @@ class Mask:
     )
     width: int | None
     height: int | None
+    confidence: float | None = strawberry.field(
+        description="the model's confidence in this slice, 0..1"
+    )
     created_at: datetime
 
     @classmethod
@@ -278,6 +281,7 @@ class Mask:
             checksum=row.checksum,
             width=row.width,
             height=row.height,
+            confidence=row.confidence,
             created_at=row.created_at,
         )
 
@@ -386,6 +390,9 @@ class CompletedSliceInput:
     sop_instance_uid: str | None = None
     width: int | None = None
     height: int | None = None
+    confidence: float | None = strawberry.field(
+        default=None, description="the model's confidence in this slice, 0..1"
+    )
 
 
 def _build_plain_input(cls: type[Any]) -> None:

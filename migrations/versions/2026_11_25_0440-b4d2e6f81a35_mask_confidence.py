@@ -1,0 +1,28 @@
+"""per-slice model confidence on masks
+
+Revision ID: b4d2e6f81a35
+Revises: 7c1e9a2b4d10
+Create Date: 2026-11-25 04:40:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "b4d2e6f81a35"
+down_revision: str | None = "7c1e9a2b4d10"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+# Plain ALTER TABLE on both databases (SQLite >= 3.35 drops columns itself): a batch
+# "move and copy" would rebuild the table without its expression index.
+
+
+def upgrade() -> None:
+    op.add_column("annotation_mask", sa.Column("confidence", sa.Float(), nullable=True))
+
+
+def downgrade() -> None:
+    op.drop_column("annotation_mask", "confidence")
