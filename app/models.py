@@ -188,6 +188,31 @@ class StorageDeletion(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class ValidationStatus(enum.Enum):
+    VALID = "VALID"
+    INVALID = "INVALID"
+
+
+class MaskGroupValidation(Base):
+    """One run of the validation of a group; the newest row is the group's report."""
+
+    __tablename__ = "mask_group_validation"
+    __table_args__ = NO_ID_REUSE
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mask_group_id: Mapped[int] = mapped_column(
+        ForeignKey("annotation_mask_group.id", ondelete="CASCADE"), index=True
+    )
+    status: Mapped[ValidationStatus] = mapped_column(
+        Enum(ValidationStatus, native_enum=False, length=16, validate_strings=True)
+    )
+    checked_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    problem_count: Mapped[int] = mapped_column(Integer, default=0)
+    # At most the first 1000 problems, as {sliceIndex, code, message}.
+    problems: Mapped[Any] = mapped_column(JSON)
+    checked_by: Mapped[str | None] = mapped_column(Text)
+
+
 class ApiToken(Base):
     """A bearer token of ours; only its SHA-256 is stored (tokens are long random secrets,
     so a fast hash is enough and keeps the per-request lookup an index probe)."""

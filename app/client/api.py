@@ -44,7 +44,7 @@ REQUEST_URLS = """mutation($groupId: ID!, $slices: [SliceUploadInput!]!, $ttl: I
 COMPLETE = f"""mutation($groupId: ID!, $slices: [CompletedSliceInput!]!) {{
   completeMaskUpload(groupId: $groupId, slices: $slices) {{ maskGroup {{ {GROUP_FIELDS} }} }}
 }}"""
-REPORT_FIELDS = "status checkedAt problems { sliceIndex code message }"
+REPORT_FIELDS = "status checkedAt problemCount problems { sliceIndex code message }"
 VALIDATE = f"""mutation($id: ID!) {{ validateMaskGroup(id: $id) {{ {REPORT_FIELDS} }} }}"""
 
 # Statuses worth another try: the request may not have been served at all.

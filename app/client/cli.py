@@ -319,6 +319,27 @@ def _handle_upload(settings: object, args: argparse.Namespace) -> int:
     return run_upload(args)
 
 
+def _handle_validate(settings: object, args: argparse.Namespace) -> int:
+    quiet_http_logs()
+
+    async def run() -> int:
+        server, token = _connection(args)
+        async with PacsMasksClient(server, token) as client:
+            report = await client.validate_mask_group(args.group_id)
+        if args.json:
+            print(json.dumps({"groupId": args.group_id, **report}))
+        else:
+            print(f"group {args.group_id}: {report['status']}, {report['problemCount']} problem(s)")
+            for problem in report["problems"]:
+                where = (
+                    "group" if problem["sliceIndex"] is None else f"slice {problem['sliceIndex']}"
+                )
+                print(f"  {where}: {problem['code']}: {problem['message']}")
+        return 0 if report["status"] == "VALID" else EXIT_INVALID
+
+    return _run(run)
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -394,3 +415,11 @@ def add_client_commands(commands: Any) -> None:
     transfer.add_argument("--ttl", type=_positive, help="URL lifetime in seconds (server default)")
     transfer.add_argument("--resume", metavar="GROUP_ID", help="upload only what the group lacks")
     up.set_defaults(handler=_handle_upload)
+
+    check = commands.add_parser(
+        "validate",
+        help="check a mask group's slices in storage (exit 0 only when VALID, 1 when INVALID)",
+    )
+    check.add_argument("group_id", metavar="GROUP_ID")
+    _connection_flags(check)
+    check.set_defaults(handler=_handle_validate)

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from strawberry.dataloader import DataLoader
 
 from app.models import Annotation, Mask, MaskGroup
+from app.validation import ValidationReport, latest_reports
 
 annotation_table = Annotation.__table__
 group_table = MaskGroup.__table__
@@ -52,6 +53,7 @@ class Loaders:
             self._masks_of_groups
         )
         self.slice_indexes_of_group = DataLoader(self._slice_indexes_of_groups)
+        self.validation_of_group = DataLoader(self._validations_of_groups)
 
     async def _rows(self, statement: Select[Any]) -> Sequence[Row[Any]]:
         async with self._sessionmaker() as session:
@@ -90,6 +92,11 @@ class Loaders:
             for group_id, group_rows in zip(group_ids, grouped, strict=True):
                 results[(group_id, mask_filter)] = group_rows
         return [results[key] for key in keys]
+
+    async def _validations_of_groups(self, ids: list[int]) -> list[ValidationReport | None]:
+        async with self._sessionmaker() as session:
+            reports = await latest_reports(session, ids)
+        return [reports.get(group_id) for group_id in ids]
 
     async def _slice_indexes_of_groups(self, ids: list[int]) -> list[set[int]]:
         rows = await self._rows(

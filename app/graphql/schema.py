@@ -7,7 +7,7 @@ from graphql import GraphQLError
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types import ExecutionContext
 
-from app import masks
+from app import masks, validation
 from app.auth import Role, require
 from app.db import transaction
 from app.errors import BadUserInput
@@ -28,6 +28,7 @@ from app.graphql.types import (
     Principal,
     SliceUploadInput,
 )
+from app.graphql.validation import ValidationReport
 from app.masks import parse_id
 from app.models import Annotation as AnnotationModel
 from app.models import AuditEvent as AuditEventModel
@@ -224,6 +225,20 @@ class Mutation:
             mask_group=MaskGroup.from_row(group),
             masks=[Mask.from_row(mask) for mask in registered],
         )
+
+    @strawberry.mutation(
+        description="Check completeness and integrity of a group now (every slice present; "
+        "each object in storage with its recorded size and MD5; each PNG readable, with the "
+        "recorded and common dimensions and a mask pixel mode), store and return the report. "
+        "The group's owner or an ADMIN."
+    )
+    async def validate_mask_group(self, info: Info, id: strawberry.ID) -> ValidationReport:
+        context = info.context
+        require(context.principal, Role.UPLOADER)
+        report = await validation.validate_group(
+            context.sessionmaker, context.storage, parse_id("id", id), actor=context.actor
+        )
+        return ValidationReport.from_report(report)
 
     @strawberry.mutation(
         description="Delete the group, its masks and every stored object under its key prefix."

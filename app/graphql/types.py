@@ -17,6 +17,7 @@ from app import auth, models
 from app.errors import BadUserInput
 from app.graphql.context import Info
 from app.graphql.loaders import MaskFilter
+from app.graphql.validation import ValidationReport
 from app.masks import UploadTarget
 from app.models import utcnow
 from app.storage import SignedRequest
@@ -74,7 +75,7 @@ class AuditEvent:
     actor: str
     action: str = strawberry.field(
         description="annotation.create, mask_group.create, upload_urls.issue, upload.complete, "
-        "mask_group.delete, token.create, token.revoke"
+        "mask_group.delete, mask_group.validate, token.create, token.revoke"
     )
     annotation_id: strawberry.ID | None
     mask_group_id: strawberry.ID | None
@@ -216,6 +217,11 @@ class MaskGroup:
     async def annotation(self, info: Info) -> Annotation:
         row = await info.context.loaders.annotation.load(int(self.annotation_id))
         return Annotation.from_row(row)
+
+    @strawberry.field(description="latest validation, null until the group has been validated")
+    async def validation(self, info: Info) -> ValidationReport | None:
+        report = await info.context.loaders.validation_of_group.load(int(self.id))
+        return ValidationReport.from_report(report) if report is not None else None
 
     @strawberry.field
     async def missing_slice_indexes(self, info: Info) -> list[int]:
