@@ -32,22 +32,17 @@ from rich.progress import (
 
 from app.client.api import PacsMasksClient
 from app.client.errors import BadInput, ClientError, ServerRefused
-from app.client.sources import (
-    Manifest,
-    SliceSet,
-    VolumeMode,
-    load_manifest,
-    nifti_volume,
-    npy_volume,
-    png_folder,
-)
+from app.client.sources import Manifest, SliceSet, load_manifest, open_input
 from app.client.upload import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
     UploadRequest,
     UploadResult,
+    request_from_metadata,
     upload,
 )
+from app.client.watch import __doc__ as watch_doc
+from app.client.watch import print_event, watch
 
 EXIT_INVALID = 1
 EXIT_INTERRUPTED = 130
@@ -151,50 +146,35 @@ def _label_names(text: str | None) -> dict[int, str] | None:
 
 
 def _slice_sets(args: argparse.Namespace) -> list[SliceSet]:
-    path: Path = args.input
-    if not path.exists():
-        raise BadInput(f"{path} does not exist")
-    mode: VolumeMode = "split" if args.split_labels else "labelmap"
-    names = _label_names(args.label_names)
-    if path.is_dir():
-        if args.split_labels:
-            raise BadInput("--split-labels applies to a NIfTI or NumPy volume, not a folder")
-        return [png_folder(path, args.label, args.slice_count)]
-    suffixes = "".join(path.suffixes[-2:]).lower()
-    if suffixes.endswith((".nii", ".nii.gz")):
-        return nifti_volume(
-            path, mode=mode, label=args.label, label_names=names, slice_order=args.slice_order
-        )
-    if path.suffix.lower() in (".npy", ".npz"):
-        return npy_volume(
-            path, mode=mode, label=args.label, label_names=names, array_name=args.array
-        )
-    raise BadInput(f"{path}: expected a folder of PNGs, a .nii/.nii.gz or a .npy/.npz file")
+    return open_input(
+        args.input,
+        split_labels=args.split_labels,
+        label=args.label,
+        label_names=_label_names(args.label_names),
+        slice_order=args.slice_order,
+        array_name=args.array,
+        slice_count=args.slice_count,
+    )
 
 
 def _request(args: argparse.Namespace, manifest: Manifest) -> UploadRequest:
-    meta = manifest.metadata
-    confidence = args.confidence
-    if confidence is not None and not 0.0 <= confidence <= 1.0:
-        raise BadInput(f"--confidence {confidence} is not between 0 and 1")
-    parameters = {**(meta.get("inferenceParameters") or {}), **_key_values(args.param, "--param")}
-    study = args.study_uid or meta.get("studyInstanceUid")
-    annotation = args.annotation or meta.get("annotationId")
-    if args.resume is None and annotation is None and study is None:
-        raise BadInput("name the annotation: --annotation ID or --study-uid UID")
-    return UploadRequest(
-        annotation_id=str(annotation) if annotation is not None else None,
-        study_instance_uid=study,
-        series_instance_uid=args.series_uid or meta.get("seriesInstanceUid"),
-        group_name=args.group_name or meta.get("groupName"),
-        model_name=args.model or meta.get("modelName"),
-        version=args.model_version or meta.get("version"),
-        modality=args.modality or meta.get("modality"),
-        description=args.description or meta.get("description"),
-        confidence=confidence if confidence is not None else meta.get("confidence"),
-        inference_parameters=parameters or None,
+    request = request_from_metadata(
+        manifest.metadata,
+        annotation_id=args.annotation,
+        study_instance_uid=args.study_uid,
+        series_instance_uid=args.series_uid,
+        group_name=args.group_name,
+        model_name=args.model,
+        version=args.model_version,
+        modality=args.modality,
+        description=args.description,
+        confidence=args.confidence,
+        inference_parameters=_key_values(args.param, "--param"),
         resume_group_id=args.resume,
     )
+    if args.resume is None and request.annotation_id is None and request.study_instance_uid is None:
+        raise BadInput("name the annotation: --annotation ID or --study-uid UID")
+    return request
 
 
 def resume_command(args: argparse.Namespace, group_id: str, label_value: int | None) -> str:
@@ -340,6 +320,28 @@ def _handle_validate(settings: object, args: argparse.Namespace) -> int:
     return _run(run)
 
 
+def _handle_watch(settings: object, args: argparse.Namespace) -> int:
+    quiet_http_logs()
+
+    async def run() -> int:
+        server, token = _connection(args)
+        async with PacsMasksClient(server, token, concurrency=args.concurrency) as client:
+            try:
+                await watch(
+                    args.dir,
+                    client,
+                    interval=args.interval,
+                    once=args.once,
+                    concurrency=args.concurrency,
+                    emit=print_event(args.json),
+                )
+            except asyncio.CancelledError:
+                _fail("stopped; the state file records where to go on")
+        return 0
+
+    return _run(run)
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -423,3 +425,16 @@ def add_client_commands(commands: Any) -> None:
     check.add_argument("group_id", metavar="GROUP_ID")
     _connection_flags(check)
     check.set_defaults(handler=_handle_validate)
+
+    watcher = commands.add_parser(
+        "watch",
+        help="upload each result folder dropped into DIR once its manifest.json appears",
+        description=watch_doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    watcher.add_argument("dir", type=Path, metavar="DIR")
+    _connection_flags(watcher)
+    watcher.add_argument("--interval", type=float, default=5.0, help="seconds between looks")
+    watcher.add_argument("--once", action="store_true", help="one round, then exit")
+    watcher.add_argument("--concurrency", type=_positive, default=DEFAULT_CONCURRENCY)
+    watcher.set_defaults(handler=_handle_watch)

@@ -326,6 +326,35 @@ def npy_volume(
     return _volume_sets(volume, path, mode, label, label_names)
 
 
+def open_input(
+    path: Path,
+    *,
+    split_labels: bool = False,
+    label: str | None = None,
+    label_names: dict[int, str] | None = None,
+    slice_order: SliceOrder = "inferior-first",
+    array_name: str | None = None,
+    slice_count: int | None = None,
+) -> list[SliceSet]:
+    """The slice sets of a folder of PNGs, a .nii/.nii.gz or a .npy/.npz file."""
+    if not path.exists():
+        raise BadInput(f"{path} does not exist")
+    mode: VolumeMode = "split" if split_labels else "labelmap"
+    if path.is_dir():
+        if split_labels:
+            raise BadInput("splitting by label applies to a NIfTI or NumPy volume, not a folder")
+        return [png_folder(path, label, slice_count)]
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        return nifti_volume(
+            path, mode=mode, label=label, label_names=label_names, slice_order=slice_order
+        )
+    if path.suffix.lower() in (".npy", ".npz"):
+        return npy_volume(
+            path, mode=mode, label=label, label_names=label_names, array_name=array_name
+        )
+    raise BadInput(f"{path}: expected a folder of PNGs, a .nii/.nii.gz or a .npy/.npz file")
+
+
 def _confidence(value: Any, where: str) -> float | None:
     if value in (None, ""):
         return None

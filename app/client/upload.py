@@ -47,6 +47,44 @@ class UploadRequest:
     resume_group_id: str | None = None
 
 
+METADATA_FIELDS = {
+    "annotationId": "annotation_id",
+    "studyInstanceUid": "study_instance_uid",
+    "seriesInstanceUid": "series_instance_uid",
+    "groupName": "group_name",
+    "modelName": "model_name",
+    "version": "version",
+    "modality": "modality",
+    "description": "description",
+    "confidence": "confidence",
+}
+
+
+def request_from_metadata(metadata: dict[str, Any], **explicit: Any) -> UploadRequest:
+    """A request from a JSON manifest's top-level fields; `explicit` values (command-line
+    flags) win where they are given, and inference parameters are merged."""
+    values: dict[str, Any] = {}
+    for key, name in METADATA_FIELDS.items():
+        value = metadata.get(key)
+        if value is not None and not isinstance(value, str | int | float):
+            raise BadInput(f"manifest field {key} must be a string or a number")
+        values[name] = value
+    values["annotation_id"] = (
+        str(values["annotation_id"]) if values["annotation_id"] is not None else None
+    )
+    parameters = metadata.get("inferenceParameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadInput("manifest field inferenceParameters must be an object")
+    parameters = {**parameters, **(explicit.pop("inference_parameters", None) or {})}
+    values.update({name: value for name, value in explicit.items() if value is not None})
+    confidence = values.get("confidence")
+    if confidence is not None and (
+        not isinstance(confidence, int | float) or not 0.0 <= confidence <= 1.0
+    ):
+        raise BadInput(f"confidence {confidence} is not between 0 and 1")
+    return UploadRequest(**values, inference_parameters=parameters or None)
+
+
 @dataclass(slots=True)
 class UploadResult:
     group_id: str
