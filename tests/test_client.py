@@ -256,3 +256,20 @@ def test_bad_inputs_are_one_clear_error(tmp_path: Path) -> None:
         load_manifest(tmp_path / "m.csv")
     with pytest.raises(BadInput, match="label"):
         png_folder(tmp_path, label="../etc")
+
+
+def test_numpy_inputs(tmp_path: Path) -> None:
+    volume = np.arange(2 * 3 * 4, dtype=np.uint16).reshape(2, 3, 4) % 5
+    np.save(tmp_path / "c.npy", volume)
+    np.savez(tmp_path / "two.npz", seg=volume, other=volume)
+    np.save(tmp_path / "f.npy", np.asfortranarray(volume))
+    (from_npy,) = npy_volume(tmp_path / "c.npy")
+    (from_npz,) = npy_volume(tmp_path / "two.npz", array_name="seg")
+    for first, second, expected in zip(from_npy.slices(), from_npz.slices(), volume, strict=True):
+        image = np.asarray(Image.open(io.BytesIO(first.load().body)))
+        assert np.array_equal(image, expected)
+        assert first.load().body == second.load().body
+    with pytest.raises(BadInput, match="name one with --array"):
+        npy_volume(tmp_path / "two.npz")
+    with pytest.raises(BadInput, match="C-order"):
+        npy_volume(tmp_path / "f.npy")

@@ -267,7 +267,8 @@ def nifti_volume(
 
     orientations: Any = nib_orientations  # untyped module
     try:
-        image: Any = nib.load(str(path))
+        # No memory map: slabs are read by seeking, so touched pages do not pile up in memory.
+        image: Any = nib.load(str(path), mmap=False)
     except (OSError, ImageFileError, ValueError) as error:
         raise BadInput(f"cannot read {path} as NIfTI: {error}") from error
     shape = tuple(int(size) for size in image.shape)
@@ -297,6 +298,33 @@ def nifti_volume(
     return _volume_sets(_Volume(count, read), path, mode, label, label_names)
 
 
+def _npy_slices(path: Path) -> _Volume:
+    """A C-order .npy read one slice per seek: neither the array nor a memory map of it
+    stays resident (a map's touched pages would count as the process's memory)."""
+    with path.open("rb") as stream:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+        offset = stream.tell()
+    if dtype.hasobject or fortran_order:
+        raise BadInput(f"{path} must be a C-order array of numbers")
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3:
+        raise BadInput(f"{path} has shape {shape}: expected (slices, rows, columns)")
+    count = shape[1] * shape[2]
+
+    def read(index: int) -> npt.NDArray[Any]:
+        with path.open("rb") as stream:
+            stream.seek(offset + index * count * dtype.itemsize)
+            array = np.fromfile(stream, dtype=dtype, count=count)
+        return array.reshape(shape[1], shape[2])
+
+    return _Volume(int(shape[0]), read)
+
+
 def npy_volume(
     path: Path,
     *,
@@ -305,24 +333,25 @@ def npy_volume(
     label_names: dict[int, str] | None = None,
     array_name: str | None = None,
 ) -> list[SliceSet]:
-    """A (slices, rows, columns) array; .npy is memory-mapped, an .npz member is read whole."""
+    """A (slices, rows, columns) array: a .npy is read slice by slice, an .npz member whole
+    (zip members cannot be read in place)."""
     try:
-        if path.suffix == ".npz":
+        if path.suffix != ".npz":
+            volume = _npy_slices(path)
+        else:
             with np.load(path) as archive:
                 names = list(archive.files)
                 chosen = array_name or (names[0] if len(names) == 1 else None)
                 if chosen is None or chosen not in names:
                     raise BadInput(f"{path} holds arrays {', '.join(names)}: name one with --array")
                 array = archive[chosen]
-        else:
-            array = np.load(path, mmap_mode="r")
+            if array.ndim == 2:
+                array = array[np.newaxis]
+            if array.ndim != 3:
+                raise BadInput(f"{path} has shape {array.shape}: expected (slices, rows, columns)")
+            volume = _Volume(int(array.shape[0]), lambda index: np.asarray(array[index]))
     except (OSError, ValueError) as error:
         raise BadInput(f"cannot read {path} as a NumPy array: {error}") from error
-    if array.ndim == 2:
-        array = array[np.newaxis]
-    if array.ndim != 3:
-        raise BadInput(f"{path} has shape {array.shape}: expected (slices, rows, columns)")
-    volume = _Volume(int(array.shape[0]), lambda index: np.asarray(array[index]))
     return _volume_sets(volume, path, mode, label, label_names)
 
 
