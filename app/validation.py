@@ -228,9 +228,9 @@ async def _load_group(
     async with sessionmaker() as session:
         group = (
             await session.execute(
-                select(GROUP.c.id, GROUP.c.slice_count, GROUP.c.created_by).where(
-                    GROUP.c.id == group_id
-                )
+                select(
+                    GROUP.c.id, GROUP.c.annotation_id, GROUP.c.slice_count, GROUP.c.created_by
+                ).where(GROUP.c.id == group_id)
             )
         ).first()
         if group is None:
@@ -278,6 +278,7 @@ async def validate_group(
                 session,
                 actor,
                 "mask_group.validate",
+                annotation_id=group.annotation_id,
                 mask_group_id=group_id,
                 slice_count=len(masks),
                 detail={"status": status.value, "problemCount": len(problems)},

@@ -28,6 +28,8 @@ class FaultPlan:
     # The first PUT of each of these slice file names waits this long before going on.
     delay_first_put_of: set[str] = field(default_factory=set)
     delay_seconds: float = 0.0
+    # Every PUT waits this long: a slow storage link.
+    put_latency: float = 0.0
     puts: int = 0
     signings: int = 0
     failed_puts: int = 0
@@ -43,6 +45,7 @@ def _app(plan: FaultPlan, client: httpx.AsyncClient) -> Starlette:
             if plan.fail_every_nth_put and plan.puts % plan.fail_every_nth_put == 0:
                 plan.failed_puts += 1
                 return Response("<Error><Code>SlowDown</Code></Error>", status_code=503)
+            await asyncio.sleep(plan.put_latency)
             name = request.url.path.rsplit("/", 1)[-1]
             if name in plan.delay_first_put_of and name not in plan.delayed:
                 plan.delayed.add(name)

@@ -3,14 +3,17 @@ and through a proxy that fails PUTs and signing requests and lets URLs expire on
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import Stack, base_settings, open_stack
+from conftest import Stack, base_settings, open_stack, reset
 from fault_proxy import FaultPlan, fault_proxy
 from PIL import Image
 
@@ -273,3 +276,39 @@ def test_numpy_inputs(tmp_path: Path) -> None:
         npy_volume(tmp_path / "two.npz")
     with pytest.raises(BadInput, match="C-order"):
         npy_volume(tmp_path / "f.npy")
+
+
+async def test_readme_library_example_runs(sqlite_local_stack: Stack, tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### The library") :]
+    code = section[section.index("```python\n") + 10 : section.index("```\n", 10)]
+    case = tmp_path / "results" / "case-17"
+    write_pngs(case, 3)
+    uids = "\n".join(
+        f"{index},1.2.840.113619.2.55.3.604688.2.{index + 1},0.9" for index in range(3)
+    )
+    (tmp_path / "results" / "case-17.csv").write_text(
+        f"sliceIndex,sopInstanceUid,confidence\n{uids}\n"
+    )
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PACS_MASKS_URL": sqlite_local_stack.base_url,
+        "PACS_MASKS_TOKEN": sqlite_local_stack.tokens["uploader"],
+    }
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            code,
+            cwd=tmp_path,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await process.communicate()
+        assert process.returncode == 0, stderr.decode()
+        lines = stdout.decode().splitlines()
+        assert lines[0].endswith(": COMPLETE")
+        assert lines[1] == "validation: VALID"
+    finally:
+        await reset(sqlite_local_stack)

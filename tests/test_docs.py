@@ -33,6 +33,7 @@ def test_security_page_names_every_audit_action() -> None:
         "upload_urls.issue",
         "upload.complete",
         "mask_group.delete",
+        "mask_group.validate",
         "token.create",
         "token.revoke",
     ):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from conftest import Stack
+from conftest import Stack, base_settings, open_stack
+from fault_proxy import FaultPlan, fault_proxy
 from test_client import STUDY, nifti_with_two_labels, write_pngs
 
 BIN = Path(sys.executable).parent / "pacs-masks"
@@ -181,3 +183,46 @@ async def test_exit_codes(stack: Stack, tmp_path: Path) -> None:
     assert unreachable.code == 4
     assert unreachable.stderr.startswith("pacs-masks: cannot reach http://127.0.0.1:9")
     assert len(unreachable.stderr.splitlines()) == 1
+
+
+async def test_ctrl_c_says_how_to_resume(own_sqlite_url: str, tmp_path: Path) -> None:
+    write_pngs(tmp_path / "out", 24)
+    plan = FaultPlan(put_latency=0.25)
+    settings = base_settings(
+        database_url=own_sqlite_url, var_dir=tmp_path / "var", storage_provider="local"
+    )
+    async with (
+        fault_proxy(plan) as proxy_url,
+        open_stack("slow-local", settings, public_base_url=proxy_url) as stack,
+    ):
+        plan.upstream = stack.base_url
+        base = {key: os.environ[key] for key in ("PATH", "HOME", "LANG") if key in os.environ}
+        process = await asyncio.create_subprocess_exec(
+            str(BIN),
+            "upload",
+            str(tmp_path / "out"),
+            "--study-uid",
+            STUDY,
+            "--concurrency",
+            "2",
+            "--batch-size",
+            "4",
+            env={**base, **env_for(stack)},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        while plan.puts < 6:
+            await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = await process.communicate()
+        assert process.returncode == 130, stderr.decode()
+        lines = stderr.decode().splitlines()
+        assert lines[0] == "pacs-masks: interrupted"
+        assert "Traceback" not in stderr.decode()
+        resume = lines[1].removeprefix("pacs-masks: resume with: ").split()
+        plan.put_latency = 0
+        again = await pacs_masks(*resume[1:], "--json", env=env_for(stack))
+    assert again.code == 0, again.stderr
+    (summary,) = again.json()["groups"]  # type: ignore[misc]
+    assert summary["status"] == "COMPLETE"
+    assert summary["skippedSlices"] > 0
