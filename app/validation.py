@@ -191,17 +191,19 @@ async def check_objects(
         else:
             readable.append(mask)
 
-    gate = asyncio.Semaphore(concurrency)
     decoded: dict[int, tuple[Row[Any], _Decoded]] = {}
+    pending = iter(readable)
 
-    async def read(mask: Row[Any]) -> None:
-        async with gate:
+    # A fixed pool of readers over one iterator: a task per object would cost memory in
+    # proportion to the group.
+    async def reader() -> None:
+        for mask in pending:
             result = await _read_object(storage, mask, problems)
-        if result is not None:
-            decoded[mask.id] = (mask, result)
+            if result is not None:
+                decoded[mask.id] = (mask, result)
 
     try:
-        await asyncio.gather(*(read(mask) for mask in readable))
+        await asyncio.gather(*(reader() for _ in range(concurrency)))
     except StorageError as error:
         raise StorageUnavailable(f"storage could not be read: {error}") from error
 
