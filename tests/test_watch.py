@@ -3,9 +3,12 @@ across restarts and crashes at any point of the recorded state."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import Stack
 from test_client import STUDY, client_for, write_pngs
-from test_upload_cli import env_for, pacs_masks
+from test_upload_cli import BIN, env_for, pacs_masks
 
 from app.client import BadInput, UploadRequest, png_folder, upload
 from app.client.sources import SliceSet, SliceSource
@@ -122,3 +125,32 @@ async def test_watch_resumes_a_group_interrupted_mid_upload(stack: Stack, tmp_pa
     assert summary["status"] == "COMPLETE"
     assert summary["skippedSlices"] + summary["uploadedSlices"] == 6
     assert len(await groups(stack)) == 1
+
+
+async def test_long_running_watch_stops_on_sigterm(stack: Stack, tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    root.mkdir()
+    base = {key: os.environ[key] for key in ("PATH", "HOME", "LANG") if key in os.environ}
+    process = await asyncio.create_subprocess_exec(
+        str(BIN),
+        "watch",
+        str(root),
+        "--interval",
+        "0.2",
+        env={**base, **env_for(stack)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        write_pngs(root / "late", 2)
+        manifest(root / "late")
+        for _ in range(300):
+            if (root / "done" / "late").exists():
+                break
+            await asyncio.sleep(0.1)
+        assert (root / "done" / "late").exists()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    assert stdout.decode().startswith("late: uploaded (group ")
