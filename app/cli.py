@@ -3,21 +3,41 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import NoReturn
 
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+import uvicorn
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.audit import Actor
-from app.auth import Principal, Role, create_token, revoke_token
+from app.cli_failures import (
+    CommandFailed,
+    ExitCode,
+    check_before_serving,
+    database_answers,
+    ensure_var_dir,
+    explain,
+    open_engine,
+)
 from app.client.cli import add_client_commands
 from app.config import Settings
-from app.db import create_engine, create_sessionmaker, transaction, upgrade_database
+from app.db import create_sessionmaker, transaction, upgrade_database
+from app.dicom import cli as dicom_cli
 from app.errors import NotFound
+from app.graphql.schema import schema
+from app.jobs import JobContext, JobRunner, owner_name
+from app.log_redaction import RedactSecrets, uvicorn_log_config
+from app.main import JOBS, create_app, open_storage, uvicorn_options
 from app.models import ApiToken, utcnow
+from app.principals import Principal, Role
+from app.readiness import check_database
+from app.sweeper import SweepReport, sweep
+from app.tokens import count_tokens, create_token, list_tokens, revoke_token
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -30,43 +50,42 @@ def _cli_actor() -> Actor:
     return Actor(principal=Principal(user=f"cli:{user}", role=Role.ADMIN))
 
 
-def _database(settings: Settings) -> tuple[AsyncEngine, async_sessionmaker[AsyncSession]]:
-    engine = create_engine(settings.resolved_database_url)
-    return engine, create_sessionmaker(engine)
-
-
-async def _first_start_token(settings: Settings) -> str | None:
-    """An admin token on the embedded default's first start, as Jupyter prints one."""
-    engine, sessionmaker = _database(settings)
+@asynccontextmanager
+async def _database(settings: Settings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = open_engine(settings)
     try:
-        async with transaction(sessionmaker) as session:
-            if await session.scalar(select(func.count()).select_from(ApiToken)):
-                return None
-            _, secret = await create_token(
-                session, _cli_actor(), user="admin", role=Role.ADMIN, expires_in=None, now=utcnow()
-            )
-            return secret
+        await check_database(engine, settings.readiness_timeout)
+        yield create_sessionmaker(engine)
     finally:
         await engine.dispose()
 
 
+async def _first_start_token(settings: Settings) -> str | None:
+    """An admin token on the embedded default's first start, as Jupyter prints one."""
+    async with _database(settings) as sessionmaker, transaction(sessionmaker) as session:
+        if await count_tokens(session):
+            return None
+        _, secret = await create_token(
+            session, _cli_actor(), user="admin", role=Role.ADMIN, expires_in=None, now=utcnow()
+        )
+        return secret
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from app.main import create_app
-
     updates = {"host": args.host or settings.host, "port": args.port or settings.port}
     settings = settings.model_copy(update=updates)
     if settings.auth_disabled and settings.host not in LOOPBACK_HOSTS:
-        print(
-            f"pacs-masks: refusing to listen on {settings.host} with AUTH_DISABLED set; "
+        raise CommandFailed(
+            ExitCode.USAGE,
+            f"refusing to listen on {settings.host} with AUTH_DISABLED set; "
             "without authentication only a loopback address is allowed",
-            file=sys.stderr,
         )
-        return 2
     if settings.is_embedded_database:
-        settings.var_dir.mkdir(parents=True, exist_ok=True)
+        ensure_var_dir(settings)
         upgrade_database(settings.resolved_database_url)
+    # Refuses a database behind the migration head, unreachable storage, a taken port.
+    asyncio.run(check_before_serving(settings))
+    if settings.is_embedded_database:
         token = None if settings.auth_disabled else asyncio.run(_first_start_token(settings))
         if token:
             print(
@@ -76,6 +95,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
                 flush=True,
             )
     base = settings.resolved_public_base_url
+    print(f"pacs-masks: viewer at {base}/viewer/", flush=True)
     print(f"pacs-masks: GraphiQL at {base}/graphql", flush=True)
     if settings.is_embedded_database:
         print(
@@ -87,31 +107,29 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        proxy_headers=True,
+        log_config=uvicorn_log_config(),
+        **uvicorn_options(settings),
     )
     return 0
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     if settings.is_embedded_database:
-        settings.var_dir.mkdir(parents=True, exist_ok=True)
+        ensure_var_dir(settings)
+    asyncio.run(database_answers(settings, need_head=False))
     upgrade_database(settings.resolved_database_url, args.revision)
     print(f"pacs-masks: database at revision {args.revision}")
     return 0
 
 
 def _export_schema(settings: Settings, args: argparse.Namespace) -> int:
-    from app.graphql.schema import schema
-
     sys.stdout.write(schema.as_str() + "\n")
     return 0
 
 
 def _setup_storage(settings: Settings, args: argparse.Namespace) -> int:
-    from app.storage import create_storage
-
     async def run() -> None:
-        storage = await create_storage(settings)
+        storage = await open_storage(settings)
         try:
             await storage.ensure_bucket(settings.cors_origins)
         finally:
@@ -122,21 +140,42 @@ def _setup_storage(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cleanup(settings: Settings, args: argparse.Namespace) -> int:
+    async def run() -> object | None:
+        storage = await open_storage(settings)
+        try:
+            async with _database(settings) as sessionmaker:
+                context = JobContext(settings, sessionmaker, storage, owner_name())
+                if args.dry_run:
+                    return await sweep(context, dry_run=True)
+                [job] = [job for job in JOBS if job.name == "storage-cleanup"]
+                return await JobRunner(context, JOBS).run_once(job, force=True)
+        finally:
+            await storage.aclose()
+
+    report = asyncio.run(run())
+    if not isinstance(report, SweepReport):
+        print(
+            "pacs-masks: another sweeper (a running server) is cleaning storage right now; "
+            "try again when it is done",
+            file=sys.stderr,
+        )
+        return ExitCode.BUSY
+    print(json.dumps(report.as_dict()) if args.json else f"pacs-masks: {report.summary()}")
+    return ExitCode.FAILED if report.errors else ExitCode.OK
+
+
 def _create_token(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> tuple[ApiToken, str]:
-        engine, sessionmaker = _database(settings)
-        try:
-            async with transaction(sessionmaker) as session:
-                return await create_token(
-                    session,
-                    _cli_actor(),
-                    user=args.user,
-                    role=Role[args.role.upper()],
-                    expires_in=timedelta(days=args.expires_days) if args.expires_days else None,
-                    now=utcnow(),
-                )
-        finally:
-            await engine.dispose()
+        async with _database(settings) as sessionmaker, transaction(sessionmaker) as session:
+            return await create_token(
+                session,
+                _cli_actor(),
+                user=args.user,
+                role=Role[args.role.upper()],
+                expires_in=timedelta(days=args.expires_days) if args.expires_days else None,
+                now=utcnow(),
+            )
 
     token, secret = asyncio.run(run())
     expiry = token.expires_at.isoformat() if token.expires_at else "never"
@@ -148,34 +187,26 @@ def _create_token(settings: Settings, args: argparse.Namespace) -> int:
 
 def _revoke_token(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> None:
-        engine, sessionmaker = _database(settings)
-        try:
-            async with transaction(sessionmaker) as session:
-                await revoke_token(session, _cli_actor(), args.id, utcnow())
-        finally:
-            await engine.dispose()
+        async with _database(settings) as sessionmaker, transaction(sessionmaker) as session:
+            await revoke_token(session, _cli_actor(), args.id, utcnow())
 
     try:
         asyncio.run(run())
     except NotFound as error:
-        print(f"pacs-masks: {error.message}", file=sys.stderr)
-        return 1
+        raise CommandFailed(ExitCode.FAILED, error.message) from error
     print(f"token {args.id} revoked")
     return 0
 
 
 def _list_tokens(settings: Settings, args: argparse.Namespace) -> int:
-    async def run() -> list[ApiToken]:
-        engine, sessionmaker = _database(settings)
-        try:
-            async with sessionmaker() as session:
-                return list(await session.scalars(select(ApiToken).order_by(ApiToken.id)))
-        finally:
-            await engine.dispose()
+    async def run() -> Sequence[ApiToken]:
+        async with _database(settings) as sessionmaker, sessionmaker() as session:
+            return await list_tokens(session)
 
+    tokens = asyncio.run(run())
     now = utcnow()
     print(f"{'id':>5}  {'user':<24} {'role':<9} {'prefix':<11} {'state':<8} expires")
-    for token in asyncio.run(run()):
+    for token in tokens:
         if token.revoked_at is not None:
             state = "revoked"
         elif token.expires_at is not None and token.expires_at <= now:
@@ -190,6 +221,12 @@ def _list_tokens(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _dicom(settings: Settings, args: argparse.Namespace) -> int:
+    code, line = dicom_cli.run(settings, args, _cli_actor())
+    print(line, file=sys.stderr if code else sys.stdout)
+    return code
+
+
 def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -197,10 +234,15 @@ def _positive_int(value: str) -> int:
     return number
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, failing like every other command: one line, exit code 2 (not its usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitCode.USAGE, f"{self.prog}: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pacs-masks", description="Segmentation-mask upload service."
-    )
+    parser = _Parser(prog="pacs-masks", description="Segmentation-mask upload service.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the API server (applies migrations on SQLite)")
@@ -220,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     setup.set_defaults(handler=_setup_storage)
 
+    cleanup = commands.add_parser(
+        "cleanup",
+        help="remove what deleted groups and abandoned uploads left in storage (the sweeper)",
+    )
+    cleanup.add_argument("--dry-run", action="store_true", help="report, remove nothing")
+    cleanup.add_argument("--json", action="store_true", help="print the report as JSON")
+    cleanup.set_defaults(handler=_cleanup)
+
     create = commands.add_parser("create-token", help="create an API token (printed last)")
     create.add_argument("--user", required=True, help="who the token acts as")
     create.add_argument(
@@ -235,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list-tokens", help="list API tokens (never their secrets)")
     listing.set_defaults(handler=_list_tokens)
 
+    dicom_cli.add_commands(commands)
+    for name in ("export-seg", "import-seg"):
+        commands.choices[name].set_defaults(handler=_dicom)
     add_client_commands(commands)
     return parser
 
@@ -242,8 +295,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for log_handler in logging.getLogger().handlers:
+        log_handler.addFilter(RedactSecrets())
+    if args.command != "migrate":
+        # Alembic narrates every connection; only `migrate` is about migrations.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     handler = args.handler
-    result: int = handler(Settings(), args)
+    try:
+        settings = Settings()
+        logging.getLogger().setLevel(settings.log_level.upper())
+        result: int = handler(settings, args)
+    except (Exception, KeyboardInterrupt) as error:
+        code, message = explain(error)
+        # The details stay available to whoever asks for them, never by default.
+        logging.getLogger(__name__).debug("%s failed", args.command, exc_info=error)
+        print(f"pacs-masks: {message}", file=sys.stderr)
+        return code
     return result
 
 

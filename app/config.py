@@ -35,6 +35,15 @@ class Settings(BaseSettings):
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
     aws_session_token: str | None = None
+    storage_connect_timeout: float = Field(5.0, gt=0)
+    storage_read_timeout: float = Field(30.0, gt=0)
+    storage_max_attempts: int = Field(3, ge=1, le=10)
+
+    cleanup_enabled: bool = True
+    cleanup_interval_seconds: float = Field(300.0, gt=0)
+    # Unregistered objects younger than this are uploads in progress, not debris.
+    # None: 2 x SIGNED_URL_MAX_TTL.
+    cleanup_grace_seconds: int | None = Field(None, ge=1)
 
     signed_url_default_ttl: int = Field(600, ge=1)
     signed_url_max_ttl: int = Field(3600, ge=1)
@@ -42,6 +51,8 @@ class Settings(BaseSettings):
     allowed_content_types: Annotated[list[str], NoDecode] = ["image/png"]
     max_slices_per_call: int = Field(5000, ge=1)
     max_slice_count: int = Field(100_000, ge=1, le=100_000)
+    view_url_secret: str = ""
+    view_url_ttl: int = Field(300, ge=10, le=86_400)
 
     auth_disabled: bool = False
     oidc_issuer: str | None = None
@@ -58,6 +69,22 @@ class Settings(BaseSettings):
     max_query_aliases: int = Field(50, ge=0)
     max_query_tokens: int = Field(20_000, ge=100)
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # Slow clients: a request's headers, and its body, must arrive within these many seconds.
+    request_header_timeout: float = Field(10, gt=0)
+    request_body_timeout: float = Field(30, gt=0)
+    # Each check of /readyz and of the command line before it starts (database, storage).
+    readiness_timeout: float = Field(3, gt=0)
+    # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (uvicorn's rule); none by
+    # default, so a client cannot choose the clientIp the audit log records.
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = []
+
+    # The PACS's DICOMweb root (QIDO-RS, WADO-RS, STOW-RS); without it DICOM SEG export to
+    # and import from a PACS answer PACS_NOT_CONFIGURED.
+    dicomweb_url: str | None = None
+    dicomweb_username: str | None = None
+    dicomweb_password: str | None = None
+    dicomweb_token: str | None = None
+    dicomweb_timeout: float = Field(60.0, gt=0)
 
     public_base_url: str = ""
     cors_origins: Annotated[list[str], NoDecode] = []
@@ -65,12 +92,26 @@ class Settings(BaseSettings):
     port: int = 8000
     log_level: str = "info"
 
-    @field_validator("allowed_content_types", "cors_origins", "oidc_algorithms", mode="before")
+    @field_validator(
+        "allowed_content_types",
+        "cors_origins",
+        "oidc_algorithms",
+        "forwarded_allow_ips",
+        mode="before",
+    )
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        levels = ("critical", "error", "warning", "info", "debug")
+        if value.lower() not in levels:
+            raise ValueError(f"must be one of {', '.join(levels)}")
+        return value.lower()
 
     @field_validator("allowed_content_types")
     @classmethod
@@ -86,6 +127,12 @@ class Settings(BaseSettings):
     def _ttls_in_order(self) -> Settings:
         if self.signed_url_default_ttl > self.signed_url_max_ttl:
             raise ValueError("SIGNED_URL_DEFAULT_TTL must not exceed SIGNED_URL_MAX_TTL")
+        if (
+            self.cleanup_grace_seconds is not None
+            and self.cleanup_grace < 2 * self.signed_url_max_ttl
+        ):
+            # An object younger than that may still be completed through its URL.
+            raise ValueError("CLEANUP_GRACE_SECONDS must be at least 2 x SIGNED_URL_MAX_TTL")
         return self
 
     @property
@@ -115,6 +162,17 @@ class Settings(BaseSettings):
             return self.public_base_url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def cleanup_grace(self) -> int:
+        return self.cleanup_grace_seconds or 2 * self.signed_url_max_ttl
+
+    @property
+    def storage_call_deadline(self) -> float:
+        """The longest one storage call may take, every attempt included."""
+        per_attempt = self.storage_connect_timeout + self.storage_read_timeout
+        # botocore's standard retry mode sleeps at most 20 s between attempts; we add 1 s each.
+        return self.storage_max_attempts * per_attempt + (self.storage_max_attempts - 1)
 
     @property
     def is_path_style(self) -> bool:

@@ -24,6 +24,8 @@ class AppError(Exception):
 
 
 class BadUserInput(AppError):
+    """The request breaks a rule of the API; sent again unchanged it fails again."""
+
     code = "BAD_USER_INPUT"
 
 
@@ -32,6 +34,9 @@ class NotFound(AppError):
 
 
 class Unauthenticated(AppError):
+    """No usable credentials: a missing, unknown, expired or revoked token, or a bearer token
+    the identity provider did not sign for us. Answered with 401 and a Bearer challenge."""
+
     code = "UNAUTHENTICATED"
 
 
@@ -40,6 +45,8 @@ class Forbidden(AppError):
 
 
 class Conflict(AppError):
+    """The request clashes with what is stored (a slice already registered)."""
+
     code = "CONFLICT"
 
 
@@ -48,6 +55,9 @@ class UploadIncomplete(AppError):
 
 
 class ChecksumMismatch(AppError):
+    """Storage holds an object for the slice, but not the one declared: size or MD5 differ.
+    The client uploads again with fresh URLs."""
+
     code = "CHECKSUM_MISMATCH"
 
 

@@ -20,9 +20,9 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import IO
@@ -32,11 +32,21 @@ import anyio
 import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
 from app.config import CONTENT_TYPE_EXTENSIONS, Settings
-from app.storage import ObjectStream, SignedRequest, StorageError, StoredObject, md5_base64_to_hex
+from app.storage import (
+    LIST_PAGE_SIZE,
+    ListedObject,
+    ObjectStream,
+    SignedRequest,
+    StorageError,
+    StoredObject,
+    md5_base64_to_hex,
+    signed_put,
+)
 
+ROUTE_PATH = "/storage/{key:path}"
+ROUTE_METHODS = ["PUT", "GET", "HEAD"]
 CHUNK_SIZE = 64 * 1024
 # Upload bodies are written in batches of this size so small masks cost one thread hop in all.
 FLUSH_SIZE = 1024 * 1024
@@ -46,6 +56,7 @@ _MIME_BY_EXTENSION = {extension: mime for mime, extension in CONTENT_TYPE_EXTENS
 _SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}"
 _KEY = re.compile(rf"mask(?:/{_SEGMENT})+")
 _PREFIX = re.compile(rf"mask/(?:{_SEGMENT}/)*(?:{_SEGMENT})?")
+_SEGMENT_NAME = re.compile(_SEGMENT)
 
 
 def _error(status: int, code: str, message: str) -> Response:
@@ -137,6 +148,10 @@ def _open_object(path: Path) -> tuple[int, int, str, str] | None:
     return None
 
 
+class _Vanished(Exception):
+    """A delete removed the upload's temp file or folder while the body was arriving."""
+
+
 class _Upload:
     """One PUT body on its way to disk; every method runs in a worker thread."""
 
@@ -175,10 +190,14 @@ class _Upload:
         meta = {"md5": md5_hex, "content_type": content_type, "size": st.st_size}
         meta |= {"ino": st.st_ino, "mtime_ns": st.st_mtime_ns}
         sidecar_temp = self.temp.with_suffix(".meta.part")
-        # No fsync: a sidecar lost in a crash fails _read_meta's check and we re-hash instead.
-        sidecar_temp.write_text(json.dumps(meta))
-        os.replace(sidecar_temp, _sidecar(self.target))
-        os.replace(self.temp, self.target)
+        try:
+            # No fsync: a sidecar lost in a crash fails _read_meta's check and we re-hash.
+            sidecar_temp.write_text(json.dumps(meta))
+            os.replace(sidecar_temp, _sidecar(self.target))
+            os.replace(self.temp, self.target)
+        except FileNotFoundError as error:
+            # The group was deleted meanwhile: its prefix went, our temp file with it.
+            raise _Vanished from error
         self.committed = True
         directory = os.open(self.target.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -225,7 +244,7 @@ def _remove_tree(directory: str) -> int:
     return count
 
 
-def _load_or_create_secret(path: Path) -> bytes:
+def load_or_create_secret(path: Path) -> bytes:
     if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.part")
@@ -259,7 +278,7 @@ class LocalStorage:
     def from_settings(cls, settings: Settings) -> LocalStorage:
         root = settings.resolved_local_storage_dir
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        secret = settings.local_storage_secret.encode() or _load_or_create_secret(
+        secret = settings.local_storage_secret.encode() or load_or_create_secret(
             settings.var_dir / "storage-secret"
         )
         base_url = settings.resolved_public_base_url + "/storage/"
@@ -285,11 +304,12 @@ class LocalStorage:
         expires = int(now.timestamp()) + expires_in
         canonical = f"PUT\n{key}\n{expires}\n{content_type}\n{content_md5}\n{content_length}"
         query = f"?expires={expires}&length={content_length}&signature={self._sign(canonical)}"
-        return SignedRequest(
-            url=self._base_url + key + query,
-            method="PUT",
-            headers=(("Content-Type", content_type), ("Content-MD5", content_md5)),
-            expires_at=now + timedelta(seconds=expires_in),
+        return signed_put(
+            self._base_url + key + query,
+            content_type=content_type,
+            content_md5=content_md5,
+            expires_in=expires_in,
+            now=now,
         )
 
     def presign_get(self, key: str, *, expires_in: int, now: datetime) -> SignedRequest:
@@ -313,10 +333,8 @@ class LocalStorage:
             raise PermissionError("storage key leads outside the storage root")
         return path
 
-    def routes(self) -> list[Route]:
-        return [Route("/storage/{key:path}", self._endpoint, methods=["PUT", "GET", "HEAD"])]
-
-    async def _endpoint(self, request: Request) -> Response:
+    async def handle(self, request: Request) -> Response:
+        """Serves ROUTE_PATH: signed PUTs, GETs and HEADs of one object."""
         key: str = request.path_params["key"]
         if _KEY.fullmatch(key) is None:
             return _error(400, "InvalidArgument", "Invalid object key.")
@@ -381,6 +399,10 @@ class LocalStorage:
             commit = partial(upload.commit, batch, md5_hex, content_type)
             if not await anyio.to_thread.run_sync(commit):
                 return _error(400, "BadDigest", "The Content-MD5 does not match the body.")
+        except _Vanished:
+            return _error(
+                409, "OperationAborted", "The object's folder was deleted during the upload."
+            )
         finally:
             if not upload.committed:
                 with anyio.CancelScope(shield=True):
@@ -457,6 +479,61 @@ class LocalStorage:
         while directory != self._root and _rmdir(directory):
             directory = directory.parent
         return count
+
+    async def list_objects(self, prefix: str) -> AsyncIterator[list[ListedObject]]:
+        if _PREFIX.fullmatch(prefix) is None:
+            raise ValueError(f"invalid storage prefix {prefix!r}")
+        folder, _, start = prefix.rpartition("/")
+        pending, page = [(folder, start)], []
+        while pending:
+            folder, start = pending.pop()
+            files, folders = await anyio.to_thread.run_sync(self._list_folder, folder, start)
+            pending.extend((child, "") for child in reversed(folders))
+            page.extend(files)
+            while len(page) >= LIST_PAGE_SIZE:
+                yield page[:LIST_PAGE_SIZE]
+                page = page[LIST_PAGE_SIZE:]
+        if page:
+            yield page
+
+    def _list_folder(self, folder: str, start: str) -> tuple[list[ListedObject], list[str]]:
+        directory = (self._root / folder).resolve()
+        if not directory.is_relative_to(self._root):
+            raise StorageError("storage folder leads outside the storage root")
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return [], []
+        files: list[ListedObject] = []
+        folders: list[str] = []
+        for entry in entries:
+            # Hidden names are ours (sidecars, uploads in progress), never objects.
+            if not entry.name.startswith(start) or _SEGMENT_NAME.fullmatch(entry.name) is None:
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(f"{folder}/{entry.name}")
+                elif entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    modified = datetime.fromtimestamp(st.st_mtime, UTC)
+                    files.append(ListedObject(f"{folder}/{entry.name}", st.st_size, modified))
+            except FileNotFoundError:  # deleted since the listing
+                continue
+        return files, folders
+
+    async def delete_objects(self, keys: Sequence[str]) -> int:
+        paths = [self._path(key) for key in keys]
+        await anyio.to_thread.run_sync(self._delete_paths, paths)
+        return len(keys)
+
+    def _delete_paths(self, paths: list[Path]) -> None:
+        for path in paths:
+            _unlink(str(path))
+            _unlink(str(_sidecar(path)))
+        for directory in sorted({path.parent for path in paths}, reverse=True):
+            while directory != self._root and _rmdir(directory):
+                directory = directory.parent
 
     async def open(self, key: str) -> ObjectStream | None:
         path = self._path(key)

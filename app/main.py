@@ -1,35 +1,49 @@
+"""The composition root: `create_app` builds every resource once, in the lifespan, and hands
+it to the handlers as typed lifespan state (`app.state.Services`)."""
+
 from __future__ import annotations
 
-import logging
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from sqlalchemy import func, select, text
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import DisableIntrospection
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from app.auth import authenticate, bearer_token
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker
-from app.errors import Unauthenticated
+from app.dicom import routes as dicom_routes
+from app.dicom.background import TaskSet
+from app.events import create_event_bus
+from app.graphql.live import LiveGraphQL
 from app.graphql.schema import create_schema
 from app.graphql.view import graphql_endpoint
-from app.models import Mask, utcnow
+from app.jobs import Job, JobContext, JobRunner, owner_name
+from app.local_storage import ROUTE_METHODS, ROUTE_PATH, LocalStorage
 from app.oidc import OidcConfig, OidcVerifier
-from app.storage import LABEL_PATTERN, Storage, StorageError, create_storage
-
-logger = logging.getLogger(__name__)
+from app.routes import healthz, local_object, readyz, view_mask
+from app.s3 import S3Storage
+from app.slow_clients import BodyDeadlineMiddleware, header_deadline_protocol
+from app.state import LifespanState, Services
+from app.static_routes import static_routes
+from app.storage import Storage
+from app.sweeper import sweep_job
+from app.view_urls import ViewUrlSigner
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+# Background jobs every `serve` runs (see app.jobs): name, function, on/off and interval setting.
+JOBS = [
+    Job("storage-cleanup", sweep_job, "cleanup_enabled", "cleanup_interval_seconds"),
+]
 
 
 class RequestIdMiddleware:
@@ -63,96 +77,83 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-async def healthz(request: Request) -> Response:
-    return PlainTextResponse("ok")
+async def open_storage(settings: Settings) -> Storage:
+    """The storage backend the settings name; the caller closes it (`aclose`)."""
+    if settings.storage_provider == "local":
+        return LocalStorage.from_settings(settings)
+    return await S3Storage.from_settings(settings)
 
 
-async def readyz(request: Request) -> Response:
-    try:
-        async with request.app.state.sessionmaker() as session:
-            await session.execute(text("SELECT 1"))
-    except Exception:
-        logger.exception("readiness: database unreachable")
-        return PlainTextResponse("database unreachable", status_code=503)
-    return PlainTextResponse("ready")
-
-
-async def view_mask(request: Request) -> Response:
-    """Streams one stored mask image through the server (same-origin for the viewer)."""
-    settings: Settings = request.app.state.settings
-    if not settings.auth_disabled:
-        try:
-            await authenticate(
-                request.app.state.sessionmaker,
-                bearer_token(request.headers.get("authorization")),
-                oidc=request.app.state.oidc,
-                now=utcnow(),
-            )
-        except Unauthenticated as error:
-            return PlainTextResponse(
-                error.message,
-                status_code=401,
-                headers={"WWW-Authenticate": 'Bearer realm="pacs-masks"'},
-            )
-    group_id = request.path_params["group_id"]
-    slice_param = request.query_params.get("slice", "")
-    label = request.query_params.get("label") or None
-    if not slice_param.isdigit() or (label is not None and not LABEL_PATTERN.match(label)):
-        return PlainTextResponse("slice must be a non-negative integer", status_code=400)
-    statement = select(Mask.file_path, Mask.mime_type, Mask.checksum).where(
-        Mask.mask_group_id == group_id,
-        Mask.slice_index == int(slice_param),
-        func.coalesce(Mask.label_name, "") == (label or ""),
-    )
-    async with request.app.state.sessionmaker() as session:
-        row = (await session.execute(statement)).first()
-    if row is None:
-        return PlainTextResponse("no such mask", status_code=404)
-    etag = f'"{row.checksum.removeprefix("md5:")}"'
-    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
-    if request.headers.get("if-none-match") == etag:
-        return Response(status_code=304, headers=headers)
-    storage: Storage = request.app.state.storage
-    try:
-        stream = await storage.open(row.file_path)
-    except StorageError:
-        logger.exception("view: storage unavailable for %s", row.file_path)
-        return PlainTextResponse("storage unavailable", status_code=503)
-    if stream is None:
-        return PlainTextResponse("object missing from storage", status_code=404)
-    headers["Content-Length"] = str(stream.size)
-    return StreamingResponse(stream.chunks, media_type=row.mime_type, headers=headers)
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """How uvicorn must run the app, for `serve` and the tests alike: forwarded headers are
+    applied by create_app from FORWARDED_ALLOW_IPS only (uvicorn's own default would believe
+    any local peer), and request headers have a deadline."""
+    return {
+        "proxy_headers": False,
+        "http": header_deadline_protocol(settings.request_header_timeout),
+    }
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
-    local_storage = None
+    extensions = [] if settings.graphql_introspection else [DisableIntrospection]
+    schema = create_schema(extensions=extensions)
     routes = [
-        Route("/graphql", graphql_endpoint, methods=["GET", "POST"]),
+        Route("/graphql", graphql_endpoint(schema), methods=["GET", "POST"]),
+        WebSocketRoute("/graphql", LiveGraphQL(schema, settings)),
         Route("/api/mask-group/{group_id:int}/view", view_mask, methods=["GET"]),
+        *dicom_routes.ROUTES,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        *static_routes(settings),
     ]
     if settings.storage_provider == "local":
-        from app.local_storage import LocalStorage
-
-        local_storage = LocalStorage.from_settings(settings)
-        routes.extend(local_storage.routes())
+        routes.append(Route(ROUTE_PATH, local_object, methods=ROUTE_METHODS))
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[LifespanState]:
+        oidc_config = OidcConfig.from_settings(settings)
+        oidc = OidcVerifier.from_config(oidc_config) if oidc_config else None
         engine = create_engine(settings.resolved_database_url)
-        storage = local_storage or await create_storage(settings)
-        app.state.engine = engine
-        app.state.sessionmaker = create_sessionmaker(engine)
-        app.state.storage = storage
+        background = TaskSet()
+        events = create_event_bus(engine)
         try:
-            yield
+            storage = await open_storage(settings)
+            await events.start()
+            sessionmaker = create_sessionmaker(engine)
+            runner = JobRunner(JobContext(settings, sessionmaker, storage, owner_name()), JOBS)
+            runner.start()
+            try:
+                yield {
+                    "services": Services(
+                        settings=settings,
+                        engine=engine,
+                        sessionmaker=sessionmaker,
+                        storage=storage,
+                        oidc=oidc,
+                        background=background,
+                        events=events,
+                        view_urls=ViewUrlSigner.from_settings(settings),
+                    )
+                }
+            finally:
+                await runner.stop()
+                await background.aclose()
+                await events.aclose()
+                await storage.aclose()
         finally:
-            await storage.aclose()
             await engine.dispose()
 
-    middleware = [Middleware(RequestIdMiddleware)]
+    middleware = [
+        Middleware(RequestIdMiddleware),
+        Middleware(BodyDeadlineMiddleware, timeout=settings.request_body_timeout),
+    ]
+    if settings.forwarded_allow_ips:
+        # uvicorn's own rule, applied here whatever server runs the app: the peer's address
+        # (and so the audit clientIp) is replaced only for these proxies.
+        middleware.insert(
+            0, Middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)
+        )
     if settings.cors_origins:
         middleware.append(
             Middleware(
@@ -164,10 +165,4 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 expose_headers=["X-Request-ID", "ETag", "Server-Timing"],
             )
         )
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
-    app.state.settings = settings
-    oidc_config = OidcConfig.from_settings(settings)
-    app.state.oidc = OidcVerifier.from_config(oidc_config) if oidc_config else None
-    extensions = [] if settings.graphql_introspection else [DisableIntrospection]
-    app.state.schema = create_schema(extensions=extensions)
-    return app
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)

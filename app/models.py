@@ -21,8 +21,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.auth import Role
 from app.db import Base
+from app.principals import Role
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -181,11 +181,29 @@ class StorageDeletion(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     prefix: Mapped[str] = mapped_column(Text)
-    mask_group_id: Mapped[int | None] = mapped_column(Integer)
+    # Indexed: completion looks for records naming its keys (the sweeper's debris fence).
+    mask_group_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    # When the next attempt is due (backoff after a failure, or the final sweep).
     not_before: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The last moment an upload URL issued before the delete can write under the prefix: the
+    # record goes only after a sweep at or after it.
+    urls_expire_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class JobRun(Base):
+    """One row per background job: which replica runs it now and when it is due again."""
+
+    __tablename__ = "job_run"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    next_run_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    locked_by: Mapped[str | None] = mapped_column(Text)
+    last_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
 
 
 class ValidationStatus(enum.Enum):
@@ -253,3 +271,38 @@ class AuditEvent(Base):
     client_ip: Mapped[str | None] = mapped_column(String(64))
     user_agent: Mapped[str | None] = mapped_column(String(512))
     detail: Mapped[Any] = mapped_column(JSON, nullable=True)
+
+
+class DicomExportStatus(enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+class DicomExport(Base):
+    """One request to export a mask group as DICOM SEG to the PACS, claimed by a worker with
+    FOR UPDATE SKIP LOCKED; the latest row of a group is its `dicomExport` status."""
+
+    __tablename__ = "dicom_export"
+    __table_args__ = NO_ID_REUSE
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mask_group_id: Mapped[int] = mapped_column(
+        ForeignKey("annotation_mask_group.id", ondelete="CASCADE"), index=True
+    )
+    status: Mapped[DicomExportStatus] = mapped_column(
+        Enum(DicomExportStatus, native_enum=False, length=16, validate_strings=True), index=True
+    )
+    requested_by: Mapped[str | None] = mapped_column(Text)
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Set when a worker claims the row; a RUNNING row whose claim is older than the stale
+    # limit belonged to a worker that died and may be claimed again.
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    segment_count: Mapped[int | None] = mapped_column(Integer)
+    frame_count: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)

@@ -24,17 +24,15 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
 from jwt import PyJWK, PyJWKClient
 
-from app.auth import USER_PATTERN_MAX, Principal, Role
+from app.config import Settings
 from app.errors import Unauthenticated
-
-if TYPE_CHECKING:
-    from app.config import Settings
+from app.principals import Principal, Role, usable_user_name
 
 logger = logging.getLogger(__name__)
 
@@ -136,14 +134,11 @@ class OidcConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OidcConfig | None:
-        """None when OIDC_ISSUER is unset. getattr keeps this working whether or not Settings
-        declares the oidc_* fields yet."""
-        issuer = getattr(settings, "oidc_issuer", None)
-        if not issuer:
+        """None when OIDC_ISSUER is unset."""
+        if not settings.oidc_issuer:
             return None
-        raw_map: Mapping[str, str] = getattr(settings, "oidc_role_map", None) or {}
         role_map: dict[str, Role] = {}
-        for idp_role, role_name in raw_map.items():
+        for idp_role, role_name in settings.oidc_role_map.items():
             role = _role_named(role_name)
             if role is None:
                 raise ValueError(
@@ -151,16 +146,15 @@ class OidcConfig:
                     f"{', '.join(role.value for role in Role)}"
                 )
             role_map[idp_role] = role
-        algorithms = getattr(settings, "oidc_algorithms", None) or DEFAULT_ALGORITHMS
         return cls(
-            issuer=issuer,
-            audience=getattr(settings, "oidc_audience", None) or "",
-            jwks_url=getattr(settings, "oidc_jwks_url", None) or None,
-            role_claim=getattr(settings, "oidc_role_claim", None) or "roles",
-            user_claim=getattr(settings, "oidc_user_claim", None) or "preferred_username",
+            issuer=settings.oidc_issuer,
+            audience=settings.oidc_audience or "",
+            jwks_url=settings.oidc_jwks_url or None,
+            role_claim=settings.oidc_role_claim,
+            user_claim=settings.oidc_user_claim,
             role_map=role_map,
-            algorithms=tuple(algorithms),
-            leeway_seconds=getattr(settings, "oidc_leeway_seconds", 30),
+            algorithms=tuple(settings.oidc_algorithms or DEFAULT_ALGORITHMS),
+            leeway_seconds=settings.oidc_leeway_seconds,
         )
 
 
@@ -244,11 +238,10 @@ class OidcVerifier:
             user = claims.get("sub")
         if not isinstance(user, str) or not user.strip():
             raise Unauthenticated("token names no user")
-        user = user.strip()
-        # The same rule as API-token users: the name lands in audit records and created_by.
-        if len(user) > USER_PATTERN_MAX or any(ord(char) < 32 for char in user):
+        usable = usable_user_name(user)
+        if usable is None:
             raise Unauthenticated("token user name is not usable")
-        return user
+        return usable
 
     def _role(self, claims: Mapping[str, Any]) -> Role:
         value = _claim(claims, self.config.role_claim)

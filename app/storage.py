@@ -1,7 +1,7 @@
-"""The storage protocol, the key rule, and the factory that picks a backend from settings.
+"""The storage protocol and the key rule.
 
 Backends: `app.s3` (S3 / MinIO through aiobotocore) and `app.local_storage` (local disk,
-served and verified by this app under /storage/...).
+served and verified by this app under /storage/...); `app.main.open_storage` picks one.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ import binascii
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
-from app.config import CONTENT_TYPE_EXTENSIONS, Settings
+from app.config import CONTENT_TYPE_EXTENSIONS
 
 KEY_ROOT = "mask"
+LIST_PAGE_SIZE = 1000
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -59,12 +60,31 @@ class SignedRequest:
     expires_at: datetime
 
 
+def signed_put(
+    url: str, *, content_type: str, content_md5: str, expires_in: int, now: datetime
+) -> SignedRequest:
+    """A signed PUT whose Content-Type and Content-MD5 the signature covers."""
+    return SignedRequest(
+        url=url,
+        method="PUT",
+        headers=(("Content-Type", content_type), ("Content-MD5", content_md5)),
+        expires_at=now + timedelta(seconds=expires_in),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class StoredObject:
     key: str
     size: int
     # Lowercase hex MD5 of the content when storage knows it (single-part PUT), else None.
     md5_hex: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ListedObject:
+    key: str
+    size: int
+    modified: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +120,14 @@ class Storage(Protocol):
         """Remove every object under `prefix`; returns how many were removed."""
         ...
 
+    def list_objects(self, prefix: str) -> AsyncIterator[list[ListedObject]]:
+        """Every object under `prefix` in key order, one page (one call) per 1000 keys."""
+        ...
+
+    async def delete_objects(self, keys: Sequence[str]) -> int:
+        """Remove these objects (one call per 1000 keys); returns how many were asked for."""
+        ...
+
     async def open(self, key: str) -> ObjectStream | None:
         """Stream one object; None when it does not exist."""
         ...
@@ -109,13 +137,3 @@ class Storage(Protocol):
         ...
 
     async def aclose(self) -> None: ...
-
-
-async def create_storage(settings: Settings) -> Storage:
-    if settings.storage_provider == "local":
-        from app.local_storage import LocalStorage
-
-        return LocalStorage.from_settings(settings)
-    from app.s3 import S3Storage
-
-    return await S3Storage.from_settings(settings)

@@ -32,7 +32,7 @@ import httpx
 from moto.server import ThreadedMotoServer
 
 from app.config import Settings
-from app.storage import create_storage
+from app.main import open_storage
 
 ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 BIN = Path(sys.executable).parent
@@ -326,7 +326,7 @@ def storage_settings(moto_url: str) -> Settings:
 
 
 async def create_bucket(moto_url: str) -> None:
-    storage = await create_storage(storage_settings(moto_url))
+    storage = await open_storage(storage_settings(moto_url))
     try:
         await storage.ensure_bucket([])
     finally:
@@ -336,7 +336,7 @@ async def create_bucket(moto_url: str) -> None:
 async def storage_rows(moto_url: str, keys: list[str], repeat: int) -> list[Row]:
     """What completion waits on (the storage listing) and what presigning costs, measured
     here with the server's own storage code, to read the server's figures against."""
-    storage = await create_storage(storage_settings(moto_url))
+    storage = await open_storage(storage_settings(moto_url))
     try:
         listing_ms: list[float] = []
         presign_ms: list[float] = []

@@ -23,17 +23,18 @@ import pytest
 import uvicorn
 from sqlalchemy import delete, event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from starlette.applications import Starlette
 
 from app.audit import Actor
-from app.auth import Principal, Role, create_token
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker, transaction, upgrade_database
-from app.main import create_app
+from app.main import create_app, uvicorn_options
 from app.models import Annotation, StorageDeletion, utcnow
+from app.principals import Principal, Role
+from app.state import Services
 from app.storage import Storage
+from app.tokens import create_token
 
-pytest_plugins = ["storage_servers"]
+pytest_plugins = ["storage_servers", "pacs_server", "pacs_flows"]
 
 if TYPE_CHECKING:
     from storage_servers import MotoServer
@@ -125,7 +126,7 @@ def database_url(request: pytest.FixtureRequest) -> str:
 class Stack:
     name: str
     settings: Settings
-    app: Starlette
+    services: Services
     base_url: str
     client: httpx.AsyncClient
     engine: AsyncEngine
@@ -177,8 +178,8 @@ def _free_socket() -> socket.socket:
 @contextlib.asynccontextmanager
 async def serve(
     settings: Settings, *, public_base_url: str | None = None
-) -> AsyncIterator[tuple[Starlette, str]]:
-    """Runs the app under uvicorn on a free loopback port; yields the app and its base URL.
+) -> AsyncIterator[tuple[Services, str]]:
+    """Runs the app under uvicorn on a free loopback port; yields its services and base URL.
     `public_base_url` puts something in front of it (a proxy) in the URLs it signs."""
     sock = _free_socket()
     port = sock.getsockname()[1]
@@ -190,7 +191,12 @@ async def serve(
     # The server keeps idle connections longer than httpx's pool does (5 s): otherwise a
     # request sent on a connection the server is closing at that moment fails with ReadError.
     config = uvicorn.Config(
-        app, log_config=None, lifespan="on", access_log=False, timeout_keep_alive=30
+        app,
+        log_config=None,
+        lifespan="on",
+        access_log=False,
+        timeout_keep_alive=30,
+        **uvicorn_options(settings),
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -199,8 +205,11 @@ async def serve(
             task.result()
             raise RuntimeError("server stopped while starting")
         await asyncio.sleep(0.01)
+    # What the lifespan built, as every request sees it: uvicorn keeps the lifespan state.
+    services = server.lifespan.state["services"]
+    assert isinstance(services, Services)
     try:
-        yield app, own_url
+        yield services, own_url
     finally:
         server.should_exit = True
         await task
@@ -212,6 +221,8 @@ def base_settings(**overrides: Any) -> Settings:
         "_env_file": None,
         "cors_origins": [],
         "allowed_content_types": ["image/png"],
+        # Tests run the sweeper themselves, at the moments they choose.
+        "cleanup_enabled": False,
     }
     values.update(overrides)
     return Settings(**values)
@@ -221,10 +232,10 @@ def base_settings(**overrides: Any) -> Settings:
 async def open_stack(
     name: str, settings: Settings, *, ensure_bucket: bool = True, public_base_url: str | None = None
 ) -> AsyncIterator[Stack]:
-    async with serve(settings, public_base_url=public_base_url) as (app, base_url):
-        settings = app.state.settings
+    async with serve(settings, public_base_url=public_base_url) as (services, base_url):
+        settings = services.settings
         engine = create_engine(settings.resolved_database_url)
-        storage = app.state.storage
+        storage = services.storage
         if ensure_bucket:
             await storage.ensure_bucket([])
         sessionmaker = create_sessionmaker(engine)
@@ -238,7 +249,7 @@ async def open_stack(
             stack = Stack(
                 name=name,
                 settings=settings,
-                app=app,
+                services=services,
                 base_url=base_url,
                 client=client,
                 engine=engine,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from conftest import Stack, content_md5, png_bytes
@@ -28,9 +29,11 @@ async def create_group(stack: Stack, annotation_id: str, slice_count: int, **ext
 
 
 def slice_inputs(
-    indexes: range | list[int], label: str | None = None
+    indexes: range | list[int],
+    label: str | None = None,
+    make_body: Callable[[int], bytes] = png_bytes,
 ) -> tuple[list[dict[str, Any]], dict[int, bytes]]:
-    bodies = {index: png_bytes(index) for index in indexes}
+    bodies = {index: make_body(index) for index in indexes}
     slices = [
         {
             "sliceIndex": index,
@@ -58,8 +61,9 @@ async def upload(
     label: str | None = None,
     *,
     complete: bool = True,
+    make_body: Callable[[int], bytes] = png_bytes,
 ) -> dict[str, Any]:
-    slices, bodies = slice_inputs(indexes, label)
+    slices, bodies = slice_inputs(indexes, label, make_body)
     targets = (await stack.data(REQUEST_URLS, {"groupId": group_id, "slices": slices}))[
         "requestMaskUploadUrls"
     ]

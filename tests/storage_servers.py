@@ -57,6 +57,7 @@ def s3_settings(endpoint_url: str, access_key: str, secret_key: str, bucket: str
         s3_force_path_style=True,
         aws_access_key_id=access_key,
         aws_secret_access_key=secret_key,
+        cleanup_enabled=False,
     )
 
 

@@ -14,10 +14,11 @@ import pytest
 from conftest import base_settings
 from sqlalchemy import select
 
-from app.auth import Principal, Role, authenticate
+from app.auth import authenticate
 from app.db import create_engine, create_sessionmaker
 from app.errors import Unauthenticated
 from app.models import ApiToken, AuditEvent, utcnow
+from app.principals import Principal, Role
 
 BIN = Path(sys.executable).parent
 
@@ -81,7 +82,8 @@ def test_serve_on_the_embedded_default(tmp_path: Path) -> None:
         assert created == {"data": {"createAnnotation": {"id": "1", "createdBy": "admin"}}}
     finally:
         _stop(process)
-    assert f"{url}" in output
+    assert f"GraphiQL at {url}" in output
+    assert f"viewer at http://127.0.0.1:{port}/viewer/" in output
     assert (tmp_path / "var" / "pacs-masks.db").exists()
     assert (tmp_path / "var" / "storage").is_dir()
 

@@ -25,15 +25,14 @@ async def test_concurrent_completions_register_each_slice_once(stack: Stack) -> 
         assert "errors" not in result, result
     async with stack.sessionmaker() as session:
         masks = await session.scalar(select(func.count()).select_from(Mask))
+        stored_bytes = await session.scalar(select(func.sum(Mask.file_size)))
         group = await session.get(MaskGroup, int(group_id))
     assert masks == 40
     assert group is not None
     assert group.uploaded_slice_count == 40
-    assert (
-        group.total_bytes
-        == sum(r["data"]["completeMaskUpload"]["maskGroup"]["totalBytes"] for r in results[:1])
-        or group.total_bytes > 0
-    )
+    # Each slice's bytes counted once, however the batches raced.
+    assert stored_bytes is not None
+    assert group.total_bytes == stored_bytes
     final = await stack.data(COMPLETE, {"groupId": group_id, "slices": [{"sliceIndex": 0}]})
     assert final["completeMaskUpload"]["maskGroup"]["status"] == "COMPLETE"
     assert final["completeMaskUpload"]["maskGroup"]["totalBytes"] == group.total_bytes

@@ -21,7 +21,7 @@ async def _post(stack: Stack, query: str, **headers: str) -> httpx.Response:
 
 async def test_a_30_level_query_is_refused_without_the_database(sqlite_local_stack: Stack) -> None:
     stack = sqlite_local_stack
-    with count_statements(stack.app.state.engine) as statements:
+    with count_statements(stack.services.engine) as statements:
         response = await _post(stack, _deep_query(15))  # 31 levels
     assert response.status_code == 400
     error = response.json()["errors"][0]
@@ -34,7 +34,7 @@ async def test_a_30_level_query_is_refused_without_the_database(sqlite_local_sta
 async def test_2000_aliases_are_refused_without_the_database(sqlite_local_stack: Stack) -> None:
     stack = sqlite_local_stack
     query = "{ " + " ".join(f"a{i}: me {{ user }}" for i in range(2000)) + " }"
-    with count_statements(stack.app.state.engine) as statements:
+    with count_statements(stack.services.engine) as statements:
         response = await _post(stack, query)
     assert response.status_code == 400
     assert "more than 50 aliases" in response.json()["errors"][0]["message"]

@@ -12,9 +12,10 @@ from typing import Any
 import httpx
 import pytest
 from starlette.applications import Starlette
+from starlette.routing import Route
 
 from app.config import Settings
-from app.local_storage import LocalStorage
+from app.local_storage import ROUTE_METHODS, ROUTE_PATH, LocalStorage
 from app.storage import SignedRequest, StorageError, mask_key
 
 BASE_URL = "http://masks.test"
@@ -49,9 +50,14 @@ def root(settings: Settings) -> Path:
     return settings.resolved_local_storage_dir
 
 
+def serving(storage: LocalStorage) -> Starlette:
+    """The backend's own route, as app.main mounts it."""
+    return Starlette(routes=[Route(ROUTE_PATH, storage.handle, methods=ROUTE_METHODS)])
+
+
 @pytest.fixture
 def app(storage: LocalStorage) -> Starlette:
-    return Starlette(routes=storage.routes())
+    return serving(storage)
 
 
 @pytest.fixture
@@ -303,7 +309,7 @@ async def test_body_length_must_match(
 
 async def test_size_limit(tmp_path: Path) -> None:
     storage = LocalStorage.from_settings(make_settings(tmp_path, max_mask_size_bytes=100))
-    app = Starlette(routes=storage.routes())
+    app = serving(storage)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
         response = await put(client, presign_put(storage))
@@ -425,7 +431,7 @@ async def test_secret_is_persisted_across_instances(tmp_path: Path) -> None:
 
     second = LocalStorage.from_settings(make_settings(var_dir))
     assert secret_file.read_bytes() == secret
-    transport = httpx.ASGITransport(app=Starlette(routes=second.routes()))
+    transport = httpx.ASGITransport(app=serving(second))
     async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
         response = await put(client, signed)
         assert response.status_code == 200
@@ -434,7 +440,7 @@ async def test_secret_is_persisted_across_instances(tmp_path: Path) -> None:
 
     # Another var dir means another secret.
     stranger = LocalStorage.from_settings(make_settings(tmp_path / "other"))
-    transport = httpx.ASGITransport(app=Starlette(routes=stranger.routes()))
+    transport = httpx.ASGITransport(app=serving(stranger))
     async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
         assert (await put(client, signed)).status_code == 403
 
@@ -444,7 +450,7 @@ async def test_configured_secret_is_used(tmp_path: Path) -> None:
     first = LocalStorage.from_settings(make_settings(tmp_path / "a", local_storage_secret=secret))
     second = LocalStorage.from_settings(make_settings(tmp_path / "b", local_storage_secret=secret))
     assert not (tmp_path / "a" / "storage-secret").exists()
-    transport = httpx.ASGITransport(app=Starlette(routes=second.routes()))
+    transport = httpx.ASGITransport(app=serving(second))
     async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
         assert (await put(client, presign_put(first))).status_code == 200
 

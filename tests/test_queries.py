@@ -52,7 +52,7 @@ async def _seed_tree(stack: Stack, groups: int, masks: int) -> str:
 
 
 async def _tree_statements(stack: Stack, annotation_id: str) -> tuple[int, dict[str, Any]]:
-    with count_statements(stack.app.state.engine) as statements:
+    with count_statements(stack.services.engine) as statements:
         data = await stack.data(TREE, {"id": annotation_id})
     return len(statements), data
 
@@ -74,7 +74,7 @@ async def test_annotations_list_with_groups_is_constant(stack: Stack) -> None:
     for _ in range(3):
         await _seed_tree(stack, groups=2, masks=2)
     query = """{ annotations(limit: 10) { id maskGroups { id masks { id } annotation { id } } } }"""
-    with count_statements(stack.app.state.engine) as statements:
+    with count_statements(stack.services.engine) as statements:
         data = await stack.data(query)
     assert len(data["annotations"]) == 3
     assert len(statements) <= 4  # the token lookup, annotations, groups, masks

@@ -43,7 +43,7 @@ async def test_upload_sequence_examples_run(tmp_path: Path) -> None:
     ]
     assert results[3]["completeMaskUpload"]["maskGroup"]["status"] == "COMPLETE"
     tree = results[4]["annotation"]["maskGroups"][0]["masks"]
-    assert tree[0]["viewUrl"] == "/api/mask-group/1/view?slice=0"
+    assert tree[0]["viewUrl"].startswith("/api/mask-group/1/view?slice=0&expires=")
     assert results[5]["deleteMaskGroup"]["deletedObjectCount"] == 2
 
 

@@ -12,9 +12,10 @@ from operations import COMPLETE, CREATE_ANNOTATION, CREATE_GROUP, DELETE_GROUP, 
 from sqlalchemy import func, select
 
 from app.audit import Actor
-from app.auth import Principal, Role, create_token, revoke_token
 from app.db import transaction
 from app.models import Annotation, AuditEvent, Mask, MaskGroup, MaskUpload, utcnow
+from app.principals import Principal, Role
+from app.tokens import create_token, revoke_token
 
 CALLERS = ["none", "unknown", "expired", "revoked", "reader", "uploader", "other", "admin"]
 OK, FORBIDDEN, UNAUTHENTICATED = "ok", "FORBIDDEN", "UNAUTHENTICATED"

@@ -16,8 +16,8 @@ from operations import COMPLETE, REQUEST_URLS
 from PIL import Image
 from test_upload_cli import env_for, pacs_masks
 
+from app.group_validation import validate_group
 from app.models import utcnow
-from app.validation import validate_group
 
 VALIDATE = """mutation($id: ID!) { validateMaskGroup(id: $id) {
   status problemCount problems { sliceIndex code message } } }"""

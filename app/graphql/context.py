@@ -1,45 +1,37 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import strawberry
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from starlette.requests import Request
 
 from app.audit import Actor
-from app.auth import Principal
 from app.config import Settings
+from app.dicom.background import TaskSet
+from app.events import EventBus
+from app.graphql.loaders import Loaders
+from app.principals import Principal
 from app.storage import Storage
-
-if TYPE_CHECKING:
-    from app.graphql.loaders import Loaders
+from app.view_urls import ViewUrlSigner
 
 
 @dataclass
 class Context:
-    request: Request
     settings: Settings
     sessionmaker: async_sessionmaker[AsyncSession]
     storage: Storage
-    request_id: str
-    principal: Principal
+    actor: Actor
+    background: TaskSet
+    events: EventBus
+    view_urls: ViewUrlSigner
     loaders: Loaders = field(init=False)
 
     def __post_init__(self) -> None:
-        from app.graphql.loaders import Loaders
-
         self.loaders = Loaders(self.sessionmaker)
 
     @property
-    def actor(self) -> Actor:
-        client = self.request.client if self.request is not None else None
-        return Actor(
-            principal=self.principal,
-            request_id=self.request_id,
-            client_ip=client.host if client else None,
-            user_agent=self.request.headers.get("user-agent") if self.request is not None else None,
-        )
+    def principal(self) -> Principal:
+        return self.actor.principal
 
 
 Info = strawberry.Info[Context, None]

@@ -12,12 +12,13 @@ from sqlalchemy import ColumnElement, Row, Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from strawberry.dataloader import DataLoader
 
-from app.models import Annotation, Mask, MaskGroup
-from app.validation import ValidationReport, latest_reports
+from app.group_validation import ValidationReport, latest_reports
+from app.models import Annotation, DicomExport, Mask, MaskGroup
 
 annotation_table = Annotation.__table__
 group_table = MaskGroup.__table__
 mask_table = Mask.__table__
+export_table = DicomExport.__table__
 MASK_ORDER = (mask_table.c.slice_index, func.coalesce(mask_table.c.label_name, ""))
 
 
@@ -54,6 +55,7 @@ class Loaders:
         )
         self.slice_indexes_of_group = DataLoader(self._slice_indexes_of_groups)
         self.validation_of_group = DataLoader(self._validations_of_groups)
+        self.dicom_export = DataLoader(self._latest_dicom_exports)
 
     async def _rows(self, statement: Select[Any]) -> Sequence[Row[Any]]:
         async with self._sessionmaker() as session:
@@ -108,6 +110,15 @@ class Loaders:
         for row in rows:
             found[row.mask_group_id].add(row.slice_index)
         return [found.get(group_id, set()) for group_id in ids]
+
+    async def _latest_dicom_exports(self, ids: list[int]) -> list[Row[Any] | None]:
+        latest = (
+            select(func.max(export_table.c.id))
+            .where(export_table.c.mask_group_id.in_(ids))
+            .group_by(export_table.c.mask_group_id)
+        )
+        rows = await self._rows(select(export_table).where(export_table.c.id.in_(latest)))
+        return _by_key(rows, ids, "mask_group_id")
 
 
 def _masks_statement(group_ids: list[int], mask_filter: MaskFilter) -> Select[Any]:

@@ -7,12 +7,17 @@ from graphql import GraphQLError
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types import ExecutionContext
 
-from app import masks, validation
-from app.auth import Role, require
+from app.annotations import create_annotation, create_mask_group, list_annotations
+from app.audit import AuditFilter, list_audit_events
+from app.completion import CompletedSlice, complete_mask_upload
 from app.db import transaction
-from app.errors import BadUserInput
+from app.deletion import delete_mask_group, purge, settle_purge
+from app.events import EventKind, MaskGroupEvent, group_state
 from app.graphql.context import Info
+from app.graphql.dicom import DicomMutation
 from app.graphql.execution import FastListExecutionContext
+from app.graphql.group_validation import ValidationReport
+from app.graphql.live import Subscription
 from app.graphql.types import (
     SCALARS,
     Annotation,
@@ -27,15 +32,13 @@ from app.graphql.types import (
     MaskUploadTarget,
     Principal,
     SliceUploadInput,
+    fields_of,
+    to_domain_list,
 )
-from app.graphql.validation import ValidationReport
-from app.masks import parse_id
-from app.models import Annotation as AnnotationModel
-from app.models import AuditEvent as AuditEventModel
+from app.group_validation import validate_group
 from app.models import utcnow
-
-MAX_PAGE = 500
-MAX_AUDIT_PAGE = 1000
+from app.upload_urls import SliceUpload, request_upload_urls
+from app.validation import parse_id
 
 
 @strawberry.type
@@ -54,18 +57,14 @@ class Query:
         limit: int = 50,
         offset: int = 0,
     ) -> list[Annotation]:
-        if not 1 <= limit <= MAX_PAGE:
-            raise BadUserInput(f"limit must be between 1 and {MAX_PAGE}", field="limit")
-        if offset < 0:
-            raise BadUserInput("offset must not be negative", field="offset")
-        statement = AnnotationModel.__table__.select()
-        if study_instance_uid is not None:
-            statement = statement.where(AnnotationModel.study_instance_uid == study_instance_uid)
-        if series_instance_uid is not None:
-            statement = statement.where(AnnotationModel.series_instance_uid == series_instance_uid)
-        statement = statement.order_by(AnnotationModel.id.desc()).limit(limit).offset(offset)
         async with info.context.sessionmaker() as session:
-            rows = (await session.execute(statement)).all()
+            rows = await list_annotations(
+                session,
+                study_instance_uid=study_instance_uid,
+                series_instance_uid=series_instance_uid,
+                limit=limit,
+                offset=offset,
+            )
         for row in rows:
             info.context.loaders.annotation.prime(row.id, row)
         return [Annotation.from_row(row) for row in rows]
@@ -78,7 +77,7 @@ class Query:
     @strawberry.field
     async def mask(self, info: Info, id: strawberry.ID) -> Mask | None:
         row = await info.context.loaders.mask.load(parse_id("id", id))
-        return Mask.from_row(row) if row is not None else None
+        return Mask.with_view_urls(row, info.context.view_urls) if row is not None else None
 
     @strawberry.field(description="who the bearer token belongs to")
     def me(self, info: Info) -> Principal:
@@ -96,64 +95,29 @@ class Query:
         limit: int = 100,
         offset: int = 0,
     ) -> list[AuditEvent]:
-        require(info.context.principal, Role.ADMIN)
-        if not 1 <= limit <= MAX_AUDIT_PAGE:
-            raise BadUserInput(f"limit must be between 1 and {MAX_AUDIT_PAGE}", field="limit")
-        if offset < 0:
-            raise BadUserInput("offset must not be negative", field="offset")
-        table = AuditEventModel.__table__
-        statement = table.select()
-        if annotation_id is not None:
-            statement = statement.where(
-                table.c.annotation_id == parse_id("annotationId", annotation_id)
-            )
-        if mask_group_id is not None:
-            statement = statement.where(
-                table.c.mask_group_id == parse_id("maskGroupId", mask_group_id)
-            )
-        if actor is not None:
-            statement = statement.where(table.c.actor == actor)
-        if action is not None:
-            statement = statement.where(table.c.action == action)
-        statement = statement.order_by(table.c.id.desc()).limit(limit).offset(offset)
+        where = AuditFilter(annotation_id, mask_group_id, actor, action)
         async with info.context.sessionmaker() as session:
-            rows = (await session.execute(statement)).all()
+            rows = await list_audit_events(
+                session, info.context.principal, where, limit=limit, offset=offset
+            )
         return [AuditEvent.from_row(row) for row in rows]
 
 
 @strawberry.type
-class Mutation:
+class Mutation(DicomMutation):
     @strawberry.mutation
     async def create_annotation(self, info: Info, input: CreateAnnotationInput) -> Annotation:
         async with transaction(info.context.sessionmaker) as session:
-            annotation = await masks.create_annotation(
-                session,
-                info.context.actor,
-                study_instance_uid=input.study_instance_uid,
-                series_instance_uid=input.series_instance_uid,
-                label=input.label,
-            )
+            annotation = await create_annotation(session, info.context.actor, **fields_of(input))
         return Annotation.from_row(annotation)
 
     @strawberry.mutation
     async def create_mask_group(self, info: Info, input: CreateMaskGroupInput) -> MaskGroup:
         context = info.context
+        fields = fields_of(input, annotation_id=parse_id("annotationId", input.annotation_id))
         async with transaction(context.sessionmaker) as session:
-            group = await masks.create_mask_group(
-                session,
-                context.settings,
-                context.actor,
-                annotation_id=parse_id("annotationId", input.annotation_id),
-                group_name=input.group_name,
-                model_name=input.model_name,
-                version=input.version,
-                modality=input.modality,
-                slice_count=input.slice_count,
-                mask_type=input.mask_type,
-                description=input.description,
-                confidence=input.confidence,
-                inference_parameters=input.inference_parameters,
-            )
+            group = await create_mask_group(session, context.settings, context.actor, **fields)
+            await context.events.publish(session, MaskGroupEvent.of(EventKind.CREATED, group))
         return MaskGroup.from_row(group)
 
     @strawberry.mutation(
@@ -170,22 +134,13 @@ class Mutation:
     ) -> list[MaskUploadTarget]:
         context = info.context
         async with transaction(context.sessionmaker) as session:
-            targets = await masks.request_upload_urls(
+            targets = await request_upload_urls(
                 session,
                 context.storage,
                 context.settings,
                 context.actor,
                 group_id=parse_id("groupId", group_id),
-                slices=[
-                    masks.SliceUpload(
-                        slice_index=item.slice_index,
-                        label_name=item.label_name,
-                        content_type=item.content_type,
-                        file_size=item.file_size,
-                        content_md5=item.content_md5,
-                    )
-                    for item in slices
-                ],
+                slices=to_domain_list(SliceUpload, slices),
                 ttl_seconds=ttl_seconds,
                 now=utcnow(),
             )
@@ -201,29 +156,23 @@ class Mutation:
         self, info: Info, group_id: strawberry.ID, slices: list[CompletedSliceInput]
     ) -> CompleteMaskUploadPayload:
         context = info.context
+        batch = to_domain_list(CompletedSlice, slices)
+        # Storage is listed between short sessions, never inside a transaction.
+        group, registered = await complete_mask_upload(
+            context.sessionmaker,
+            context.storage,
+            context.settings,
+            context.actor,
+            group_id=parse_id("groupId", group_id),
+            slices=batch,
+            now=utcnow(),
+        )
         async with transaction(context.sessionmaker) as session:
-            group, registered = await masks.complete_upload(
-                session,
-                context.storage,
-                context.settings,
-                context.actor,
-                group_id=parse_id("groupId", group_id),
-                slices=[
-                    masks.CompletedSlice(
-                        slice_index=item.slice_index,
-                        label_name=item.label_name,
-                        sop_instance_uid=item.sop_instance_uid,
-                        width=item.width,
-                        height=item.height,
-                        confidence=item.confidence,
-                    )
-                    for item in slices
-                ],
-                now=utcnow(),
-            )
+            event = MaskGroupEvent.of(EventKind.SLICES_COMPLETED, group)
+            await context.events.publish(session, event)
         return CompleteMaskUploadPayload(
             mask_group=MaskGroup.from_row(group),
-            masks=[Mask.from_row(mask) for mask in registered],
+            masks=[Mask.with_view_urls(mask, context.view_urls) for mask in registered],
         )
 
     @strawberry.mutation(
@@ -234,8 +183,7 @@ class Mutation:
     )
     async def validate_mask_group(self, info: Info, id: strawberry.ID) -> ValidationReport:
         context = info.context
-        require(context.principal, Role.UPLOADER)
-        report = await validation.validate_group(
+        report = await validate_group(
             context.sessionmaker, context.storage, parse_id("id", id), actor=context.actor
         )
         return ValidationReport.from_report(report)
@@ -246,21 +194,20 @@ class Mutation:
     async def delete_mask_group(self, info: Info, id: strawberry.ID) -> DeleteMaskGroupPayload:
         context = info.context
         async with transaction(context.sessionmaker) as session:
-            deletion = await masks.delete_mask_group(
+            deleted = await group_state(session, parse_id("id", id))
+            deletion = await delete_mask_group(
                 session, context.actor, group_id=parse_id("id", id), now=utcnow()
             )
-        removed, failed = await masks.purge_storage_deletion(
-            context.sessionmaker,
-            context.storage,
-            deletion.storage_deletion_id,
-            prefix=deletion.prefix,
-            upload_expires_at=deletion.upload_expires_at,
-        )
+            if deleted is not None:
+                await context.events.publish(session, MaskGroupEvent.of(EventKind.DELETED, deleted))
+        outcome = await purge(context.storage, deletion)
+        async with transaction(context.sessionmaker) as session:
+            pending = await settle_purge(session, deletion, outcome, now=utcnow())
         return DeleteMaskGroupPayload(
             id=strawberry.ID(str(deletion.mask_group_id)),
             deleted_mask_count=deletion.deleted_mask_count,
-            deleted_object_count=removed,
-            storage_cleanup_pending=failed,
+            deleted_object_count=outcome.removed,
+            storage_cleanup_pending=pending,
         )
 
 
@@ -275,7 +222,11 @@ class Schema(strawberry.Schema):
 def create_schema(**options: Any) -> Schema:
     options.setdefault("execution_context_class", FastListExecutionContext)
     return Schema(
-        query=Query, mutation=Mutation, config=StrawberryConfig(scalar_map=SCALARS), **options
+        query=Query,
+        mutation=Mutation,
+        subscription=Subscription,
+        config=StrawberryConfig(scalar_map=SCALARS),
+        **options,
     )
 
 

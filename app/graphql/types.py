@@ -2,25 +2,29 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any, NewType
-from urllib.parse import urlencode
+from typing import Any, ClassVar, NewType, Self, TypeVar
 
 import strawberry
 from strawberry.scalars import JSON
 from strawberry.schema.name_converter import NameConverter
 from strawberry.types.base import StrawberryOptional
+from strawberry.types.enum import StrawberryEnumDefinition
+from strawberry.types.private import is_private
 from strawberry.types.scalar import ScalarDefinition
 
-from app import auth, models
-from app.errors import BadUserInput
 from app.graphql.context import Info
+from app.graphql.group_validation import ValidationReport
 from app.graphql.loaders import MaskFilter
-from app.graphql.validation import ValidationReport
-from app.masks import UploadTarget
 from app.models import utcnow
+from app.principals import Role
 from app.storage import SignedRequest
+from app.upload_urls import UploadTarget
+from app.validation import check_page, signed_url_ttl
+from app.view_urls import ViewUrlSigner
+
+DomainT = TypeVar("DomainT")
 
 
 def _parse_big_int(value: object) -> int:
@@ -52,9 +56,9 @@ class MaskGroupStatus(enum.Enum):
     )
 
 
-# Registers the domain enum with GraphQL in place; fields use auth.Role itself.
+# Registers the domain enum with GraphQL in place; fields use Role itself.
 strawberry.enum(
-    auth.Role,
+    Role,
     name="Role",
     description="READER: queries, views and downloads. UPLOADER: READER + create annotations "
     "and groups, upload, complete, delete own groups. ADMIN: everything, including the audit "
@@ -65,17 +69,66 @@ strawberry.enum(
 @strawberry.type
 class Principal:
     user: str
-    role: auth.Role
+    role: Role
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _row_converter(field_type: Any) -> Callable[[Any], Any]:
+    if isinstance(field_type, StrawberryOptional):
+        field_type = field_type.of_type
+    if field_type is strawberry.ID:
+        convert: Callable[[Any], Any] = lambda value: strawberry.ID(str(value))
+    elif isinstance(field_type, StrawberryEnumDefinition):
+        # The models' enums share the values of the GraphQL ones; Core rows may hold strings.
+        wrapped = field_type.wrapped_cls
+        convert = lambda value: wrapped(getattr(value, "value", value))
+    else:
+        return _identity
+    return lambda value: None if value is None else convert(value)
+
+
+class FromRow:
+    """`from_row` for output types: every plain field copied from the row's attribute of the
+    same name (ids as strings, enums by value); resolver fields are left to their resolvers."""
+
+    _row_plans: ClassVar[dict[type, list[tuple[str, Callable[[Any], Any]]]]] = {}
+
+    @classmethod
+    def from_row(cls, row: Any) -> Self:
+        plan = FromRow._row_plans.get(cls)
+        if plan is None:
+            plan = [
+                (field.python_name, _row_converter(field.type))
+                for field in cls.__strawberry_definition__.fields  # type: ignore[attr-defined]
+                if field.base_resolver is None and not is_private(field.type)
+            ]
+            FromRow._row_plans[cls] = plan
+        return cls(**{name: convert(getattr(row, name)) for name, convert in plan})
+
+
+def fields_of(source: Any, **overrides: Any) -> dict[str, Any]:
+    """The fields of a GraphQL input as keyword arguments for a domain function."""
+    values = {field.name: getattr(source, field.name) for field in dataclasses.fields(source)}
+    return {**values, **overrides}
+
+
+def to_domain_list(cls: Callable[..., DomainT], sources: Iterable[Any]) -> list[DomainT]:
+    names = [field.name for field in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    return [cls(**{name: getattr(source, name) for name in names}) for source in sources]
 
 
 @strawberry.type
-class AuditEvent:
+class AuditEvent(FromRow):
     id: strawberry.ID
     occurred_at: datetime
     actor: str
     action: str = strawberry.field(
         description="annotation.create, mask_group.create, upload_urls.issue, upload.complete, "
-        "mask_group.delete, mask_group.validate, token.create, token.revoke"
+        "mask_group.delete, mask_group.validate, token.create, token.revoke, "
+        "mask_group.export_seg, mask_group.import_seg"
     )
     annotation_id: strawberry.ID | None
     mask_group_id: strawberry.ID | None
@@ -85,27 +138,6 @@ class AuditEvent:
     client_ip: str | None
     user_agent: str | None
     detail: JSON | None
-
-    @classmethod
-    def from_row(cls, row: Any) -> AuditEvent:
-        return cls(
-            id=strawberry.ID(str(row.id)),
-            occurred_at=row.occurred_at,
-            actor=row.actor,
-            action=row.action,
-            annotation_id=_optional_id(row.annotation_id),
-            mask_group_id=_optional_id(row.mask_group_id),
-            slice_count=row.slice_count,
-            byte_count=row.byte_count,
-            request_id=row.request_id,
-            client_ip=row.client_ip,
-            user_agent=row.user_agent,
-            detail=row.detail,
-        )
-
-
-def _optional_id(value: int | None) -> strawberry.ID | None:
-    return strawberry.ID(str(value)) if value is not None else None
 
 
 @strawberry.type
@@ -133,18 +165,8 @@ class SignedUrl:
         )
 
 
-def _ttl(info: Info, ttl_seconds: int | None) -> int:
-    settings = info.context.settings
-    ttl = settings.signed_url_default_ttl if ttl_seconds is None else ttl_seconds
-    if not 1 <= ttl <= settings.signed_url_max_ttl:
-        raise BadUserInput(
-            f"ttlSeconds must be between 1 and {settings.signed_url_max_ttl}", field="ttlSeconds"
-        )
-    return ttl
-
-
 @strawberry.type
-class Annotation:
+class Annotation(FromRow):
     id: strawberry.ID
     study_instance_uid: str
     series_instance_uid: str | None
@@ -152,25 +174,41 @@ class Annotation:
     created_by: str | None
     created_at: datetime
 
-    @classmethod
-    def from_row(cls, row: Any) -> Annotation:
-        return cls(
-            id=strawberry.ID(str(row.id)),
-            study_instance_uid=row.study_instance_uid,
-            series_instance_uid=row.series_instance_uid,
-            label=row.label,
-            created_by=row.created_by,
-            created_at=row.created_at,
-        )
-
     @strawberry.field
     async def mask_groups(self, info: Info) -> list[MaskGroup]:
         rows = await info.context.loaders.groups_of_annotation.load(int(self.id))
         return [MaskGroup.from_row(row) for row in rows]
 
 
+@strawberry.enum
+class DicomExportStatus(enum.Enum):
+    PENDING = strawberry.enum_value("PENDING", description="requested, not yet claimed")
+    RUNNING = strawberry.enum_value("RUNNING", description="a worker is building or storing it")
+    DONE = strawberry.enum_value("DONE", description="stored in the PACS and listed by it")
+    FAILED = strawberry.enum_value("FAILED", description="see error; asking again retries")
+
+
 @strawberry.type
-class MaskGroup:
+class DicomExport(FromRow):
+    status: DicomExportStatus
+    series_instance_uid: str | None = strawberry.field(
+        description="the DICOM SEG instance written (null until DONE)"
+    )
+    sop_instance_uid: str | None
+    segment_count: int | None = strawberry.field(
+        description="number of segments and frames in the SEG"
+    )
+    frame_count: int | None
+    requested_at: datetime
+    finished_at: datetime | None
+    error: str | None = strawberry.field(
+        description="why it failed, in words (source series not found in the PACS, slice "
+        "count differs, ...)"
+    )
+
+
+@strawberry.type
+class MaskGroup(FromRow):
     id: strawberry.ID
     annotation_id: strawberry.ID
     group_name: str | None
@@ -192,27 +230,6 @@ class MaskGroup:
     uploaded_slice_count: int
     total_bytes: BigInt
 
-    @classmethod
-    def from_row(cls, row: Any) -> MaskGroup:
-        return cls(
-            id=strawberry.ID(str(row.id)),
-            annotation_id=strawberry.ID(str(row.annotation_id)),
-            group_name=row.group_name,
-            model_name=row.model_name,
-            version=row.version,
-            modality=row.modality,
-            slice_count=row.slice_count,
-            mask_type=row.mask_type,
-            description=row.description,
-            confidence=row.confidence,
-            inference_parameters=row.inference_parameters,
-            created_by=row.created_by,
-            created_at=row.created_at,
-            status=MaskGroupStatus[models.MaskGroupStatus(row.status).name],
-            uploaded_slice_count=row.uploaded_slice_count,
-            total_bytes=row.total_bytes,
-        )
-
     @strawberry.field
     async def annotation(self, info: Info) -> Annotation:
         row = await info.context.loaders.annotation.load(int(self.annotation_id))
@@ -222,6 +239,11 @@ class MaskGroup:
     async def validation(self, info: Info) -> ValidationReport | None:
         report = await info.context.loaders.validation_of_group.load(int(self.id))
         return ValidationReport.from_report(report) if report is not None else None
+
+    @strawberry.field(description="latest DICOM SEG export of this group; null if never exported")
+    async def dicom_export(self, info: Info) -> DicomExport | None:
+        row = await info.context.loaders.dicom_export.load(int(self.id))
+        return DicomExport.from_row(row) if row is not None else None
 
     @strawberry.field
     async def missing_slice_indexes(self, info: Info) -> list[int]:
@@ -242,17 +264,14 @@ class MaskGroup:
         limit: int | None = None,
         offset: int = 0,
     ) -> list[Mask]:
-        if limit is not None and limit < 0:
-            raise BadUserInput("limit must not be negative", field="limit")
-        if offset < 0:
-            raise BadUserInput("offset must not be negative", field="offset")
+        check_page(limit, offset)
         mask_filter = MaskFilter(slice_index_from, slice_index_to, label_name, limit, offset)
         rows = await info.context.loaders.masks_of_group.load((int(self.id), mask_filter))
-        return [Mask.from_row(row) for row in rows]
+        return [Mask.with_view_urls(row, info.context.view_urls) for row in rows]
 
 
 @strawberry.type
-class Mask:
+class Mask(FromRow):
     id: strawberry.ID
     mask_group_id: strawberry.ID
     slice_index: int
@@ -272,40 +291,34 @@ class Mask:
         description="the model's confidence in this slice, 0..1"
     )
     created_at: datetime
+    view_urls: strawberry.Private[ViewUrlSigner | None] = None
 
     @classmethod
-    def from_row(cls, row: Any) -> Mask:
-        return cls(
-            id=strawberry.ID(str(row.id)),
-            mask_group_id=strawberry.ID(str(row.mask_group_id)),
-            slice_index=row.slice_index,
-            sop_instance_uid=row.sop_instance_uid,
-            label_name=row.label_name,
-            file_path=row.file_path,
-            mime_type=row.mime_type,
-            file_size=row.file_size,
-            checksum=row.checksum,
-            width=row.width,
-            height=row.height,
-            confidence=row.confidence,
-            created_at=row.created_at,
-        )
+    def with_view_urls(cls, row: Any, view_urls: ViewUrlSigner) -> Mask:
+        mask = cls.from_row(row)
+        mask.view_urls = view_urls
+        return mask
 
     @strawberry.field(description="presigned GET for the stored object")
     def download_url(self, info: Info, ttl_seconds: int | None = None) -> SignedUrl:
-        ttl = _ttl(info, ttl_seconds)
+        ttl = signed_url_ttl(info.context.settings, ttl_seconds)
         signed = info.context.storage.presign_get(self.file_path, expires_in=ttl, now=utcnow())
         return SignedUrl.from_request(signed)
 
     @strawberry.field(
         description="same-origin path that streams the image through the server: "
-        "/api/mask-group/{groupId}/view?slice=N[&label=L]"
+        "/api/mask-group/{groupId}/view?slice=N[&label=L]&expires=E&signature=S, signed for "
+        "VIEW_URL_TTL seconds so that an <img> loads it without an Authorization header"
     )
     def view_url(self) -> str:
-        query: dict[str, str | int] = {"slice": self.slice_index}
-        if self.label_name:
-            query["label"] = self.label_name
-        return f"/api/mask-group/{self.mask_group_id}/view?{urlencode(query)}"
+        if self.view_urls is None:
+            raise TypeError("Mask built without Mask.with_view_urls")
+        return self.view_urls.url(
+            self.mask_group_id,
+            self.slice_index,
+            self.label_name,
+            self.view_urls.current_expiry(),
+        )
 
 
 @strawberry.type
@@ -344,8 +357,9 @@ class DeleteMaskGroupPayload:
     deleted_mask_count: int
     deleted_object_count: int
     storage_cleanup_pending: bool = strawberry.field(
-        description="true when storage could not be cleaned now; the objects are recorded "
-        "and removed by the cleanup job"
+        description="true while anything is still to be swept from storage: it could not be "
+        "cleaned now, or an upload URL issued before the delete is still valid; the storage "
+        "sweeper finishes it"
     )
 
 
@@ -375,6 +389,18 @@ class CreateMaskGroupInput:
 
 
 @strawberry.input
+class CompletedSliceInput:
+    slice_index: int
+    label_name: str | None = None
+    sop_instance_uid: str | None = None
+    width: int | None = None
+    height: int | None = None
+    confidence: float | None = strawberry.field(
+        default=None, description="the model's confidence in this slice, 0..1"
+    )
+
+
+@strawberry.input
 class SliceUploadInput:
     slice_index: int
     label_name: str | None = None
@@ -386,18 +412,6 @@ class SliceUploadInput:
         description="MD5 digest of the file, base64 as in the Content-MD5 header (RFC 1864). "
         "It is signed into the upload so that storage refuses a different body, and checked "
         "again on completion."
-    )
-
-
-@strawberry.input
-class CompletedSliceInput:
-    slice_index: int
-    label_name: str | None = None
-    sop_instance_uid: str | None = None
-    width: int | None = None
-    height: int | None = None
-    confidence: float | None = strawberry.field(
-        default=None, description="the model's confidence in this slice, 0..1"
     )
 
 

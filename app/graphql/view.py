@@ -7,41 +7,27 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from graphql import DocumentNode, GraphQLError, OperationType, get_operation_ast
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from strawberry.http.ides import get_graphql_ide_html
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from app.auth import ANONYMOUS_ADMIN, Principal, authenticate, bearer_token
-from app.config import Settings
+from app.audit import Actor
+from app.auth import CHALLENGE, AuthenticationUnavailable, authenticate_request
 from app.errors import AppError, StorageUnavailable, Unauthenticated
 from app.graphql.context import Context
 from app.graphql.limits import check_document
 from app.graphql.schema import Schema
-from app.models import utcnow
+from app.state import request_id_of, services_of
+from app.static_routes import graphiql_page
 from app.storage import StorageError
 
 logger = logging.getLogger("app.graphql")
 
 JSON_MEDIA = "application/json"
 GRAPHQL_RESPONSE_MEDIA = "application/graphql-response+json"
-# GraphiQL loads its scripts and styles from a CDN; nothing may frame it.
-IDE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline' "
-    "https://unpkg.com; style-src 'self' 'unsafe-inline' https://unpkg.com; img-src 'self' "
-    "data:; font-src 'self' data: https://unpkg.com; connect-src 'self'; frame-ancestors 'none'",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-}
-
-
-class AuthenticationUnavailable(AppError):
-    code = "INTERNAL_SERVER_ERROR"
-
-    def __init__(self, request_id: str) -> None:
-        super().__init__("Internal server error", requestId=request_id)
 
 
 class RequestError(Exception):
@@ -133,10 +119,20 @@ def format_error(error: GraphQLError, request_id: str) -> dict[str, Any]:
     return formatted
 
 
-async def graphql_endpoint(request: Request) -> Response:
-    state = request.app.state
-    request_id: str = request.state.request_id
-    settings: Settings = state.settings
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def graphql_endpoint(schema: Schema) -> Endpoint:
+    async def endpoint(request: Request) -> Response:
+        return await _serve_graphql(schema, request)
+
+    return endpoint
+
+
+async def _serve_graphql(schema: Schema, request: Request) -> Response:
+    services = services_of(request)
+    request_id = request_id_of(request)
+    settings = services.settings
     if (
         request.method == "GET"
         and "text/html" in request.headers.get("accept", "")
@@ -144,7 +140,7 @@ async def graphql_endpoint(request: Request) -> Response:
     ):
         if not settings.graphiql:
             return PlainTextResponse("GraphiQL is switched off", status_code=404)
-        return HTMLResponse(get_graphql_ide_html(graphql_ide="graphiql"), headers=IDE_HEADERS)
+        return graphiql_page(settings)
     media = _accepted_media(request)
     if media is None:
         return JSONResponse(
@@ -175,7 +171,7 @@ async def graphql_endpoint(request: Request) -> Response:
         )
         if request.method == "GET" and document is not None:
             _refuse_mutation_over_get(document, operation_name)
-        principal = await _authenticate(request, settings)
+        principal = await authenticate_request(request)
     except RequestError as error:
         return _respond(
             {"errors": [{"message": error.message, "extensions": {"code": "BAD_USER_INPUT"}}]},
@@ -189,7 +185,7 @@ async def graphql_endpoint(request: Request) -> Response:
             status = 401
         elif isinstance(error, AuthenticationUnavailable):
             status = 500
-        headers = {"WWW-Authenticate": 'Bearer realm="pacs-masks"'} if status == 401 else None
+        headers = CHALLENGE if status == 401 else None
         return _respond(
             {"errors": [{"message": error.message, "extensions": error.extensions}]},
             status,
@@ -197,14 +193,20 @@ async def graphql_endpoint(request: Request) -> Response:
             headers,
         )
 
-    schema: Schema = state.schema
+    client = request.client
     context = Context(
-        request=request,
         settings=settings,
-        sessionmaker=state.sessionmaker,
-        storage=state.storage,
-        request_id=request_id,
-        principal=principal,
+        sessionmaker=services.sessionmaker,
+        storage=services.storage,
+        background=services.background,
+        actor=Actor(
+            principal=principal,
+            request_id=request_id,
+            client_ip=client.host if client else None,
+            user_agent=request.headers.get("user-agent"),
+        ),
+        events=services.events,
+        view_urls=services.view_urls,
     )
     result = await schema.execute(
         query, variable_values=variables, context_value=context, operation_name=operation_name
@@ -219,20 +221,6 @@ async def graphql_endpoint(request: Request) -> Response:
         payload["data"] = result.data
     status = 400 if is_request_error and media == GRAPHQL_RESPONSE_MEDIA else 200
     return _respond(payload, status, media)
-
-
-async def _authenticate(request: Request, settings: Settings) -> Principal:
-    if settings.auth_disabled:
-        return ANONYMOUS_ADMIN
-    token = bearer_token(request.headers.get("authorization"))
-    state = request.app.state
-    try:
-        return await authenticate(state.sessionmaker, token, oidc=state.oidc, now=utcnow())
-    except AppError:
-        raise
-    except Exception as error:
-        logger.exception("authentication failed (request %s)", request.state.request_id)
-        raise AuthenticationUnavailable(request.state.request_id) from error
 
 
 def _refuse_mutation_over_get(document: DocumentNode, operation_name: str | None) -> None:

@@ -1,8 +1,8 @@
 """per-slice model confidence on masks
 
 Revision ID: b4d2e6f81a35
-Revises: 7c1e9a2b4d10
-Create Date: 2026-11-25 04:40:00
+Revises: 3f9c2d7e8a41
+Create Date: 2026-11-25 05:20:00
 """
 
 from collections.abc import Sequence
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "b4d2e6f81a35"
-down_revision: str | None = "7c1e9a2b4d10"
+down_revision: str | None = "3f9c2d7e8a41"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,4 +1,4 @@
-"""GraphQL types of validation reports (app/validation.py)."""
+"""GraphQL types of validation reports (app/group_validation.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import datetime
 
 import strawberry
 
-from app import models, validation
+from app import group_validation, models
 
 strawberry.enum(
     models.ValidationStatus,
@@ -35,7 +35,7 @@ class ValidationReport:
     problem_count: int
 
     @classmethod
-    def from_report(cls, report: validation.ValidationReport) -> ValidationReport:
+    def from_report(cls, report: group_validation.ValidationReport) -> ValidationReport:
         return cls(
             status=report.status,
             checked_at=report.checked_at,

@@ -1,0 +1,298 @@
+"""DICOM SEG export: requesting it (in the mutation's transaction) and running it (a worker).
+
+`request_export` records a PENDING `dicom_export` row. `run_export(job_id)` claims it with
+`FOR UPDATE SKIP LOCKED` (PostgreSQL; SQLite serialises writers with BEGIN IMMEDIATE) in a
+short transaction, then works with no transaction open (reading masks from storage, the
+source series from the PACS, building and storing the SEG), and records DONE with the SEG's
+UIDs or FAILED with the reason in words. Nothing is written to the PACS unless the SEG was
+built whole, and a FAILED export leaves no row but its own; asking again makes a new row.
+Any number of replicas may run workers: a row is claimed by one of them only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+from sqlalchemy import Row, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.audit import Actor, record
+from app.config import Settings
+from app.db import transaction
+from app.dicom.errors import PacsNotConfigured
+from app.dicom.pacs import Pacs
+from app.dicom.seg import GroupInfo, MaskRef, SegSummary, build_seg, summary
+from app.dicom.source import SourceSeries, read_source_dir
+from app.errors import AppError, BadUserInput, Conflict, NotFound
+from app.models import (
+    Annotation,
+    DicomExport,
+    DicomExportStatus,
+    Mask,
+    MaskGroup,
+    MaskGroupStatus,
+    utcnow,
+)
+from app.principals import require_owner
+from app.storage import Storage, StorageError
+
+logger = logging.getLogger(__name__)
+
+# A RUNNING export claimed longer ago than this belonged to a worker that died.
+STALE_AFTER = timedelta(minutes=30)
+ERROR_MAX = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class ExportSource:
+    """What an export needs from the database, read in one short session."""
+
+    group: GroupInfo
+    study_instance_uid: str
+    series_instance_uid: str
+    masks: list[MaskRef]
+
+
+async def request_export(
+    session: AsyncSession, settings: Settings, actor: Actor, *, group_id: int, now: datetime
+) -> DicomExport:
+    """A PENDING export of a COMPLETE group; an export of it still pending or running is
+    returned instead of a second one."""
+    if not settings.dicomweb_url:
+        raise PacsNotConfigured()
+    group = await session.scalar(
+        select(MaskGroup).where(MaskGroup.id == group_id).with_for_update()
+    )
+    if group is None:
+        raise NotFound(f"mask group {group_id} does not exist", field="id")
+    require_owner(actor.principal, group.created_by, f"mask group {group_id}")
+    if group.status is not MaskGroupStatus.COMPLETE:
+        raise Conflict(
+            f"mask group {group_id} is {group.status.value}: only a COMPLETE group can be exported"
+        )
+    series = await session.scalar(
+        select(Annotation.series_instance_uid).where(Annotation.id == group.annotation_id)
+    )
+    if series is None:
+        raise BadUserInput(
+            f"annotation {group.annotation_id} names no seriesInstanceUid: the source series "
+            "of the SEG is unknown"
+        )
+    running = await session.scalar(
+        select(DicomExport).where(
+            DicomExport.mask_group_id == group_id,
+            DicomExport.status.in_([DicomExportStatus.PENDING, DicomExportStatus.RUNNING]),
+        )
+    )
+    if running is not None:
+        return running
+    export = DicomExport(
+        mask_group_id=group_id,
+        status=DicomExportStatus.PENDING,
+        requested_by=actor.principal.user,
+        requested_at=now,
+        attempts=0,
+    )
+    session.add(export)
+    await session.flush()
+    await record(
+        session,
+        actor,
+        "mask_group.export_seg",
+        annotation_id=group.annotation_id,
+        mask_group_id=group_id,
+        detail={"dicomExportId": export.id},
+    )
+    return export
+
+
+async def load_export_source(session: AsyncSession, group_id: int) -> ExportSource:
+    row = (
+        await session.execute(
+            select(MaskGroup, Annotation.study_instance_uid, Annotation.series_instance_uid)
+            .join(Annotation, Annotation.id == MaskGroup.annotation_id)
+            .where(MaskGroup.id == group_id)
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"mask group {group_id} does not exist")
+    group: MaskGroup = row[0]
+    if group.status is not MaskGroupStatus.COMPLETE:
+        raise Conflict(
+            f"mask group {group_id} is {group.status.value}: only a COMPLETE group can be exported"
+        )
+    if row.series_instance_uid is None:
+        raise BadUserInput(f"annotation {group.annotation_id} names no seriesInstanceUid")
+    masks = await session.execute(
+        select(Mask.slice_index, Mask.label_name, Mask.sop_instance_uid, Mask.file_path)
+        .where(Mask.mask_group_id == group_id)
+        .order_by(Mask.slice_index, Mask.label_name)
+    )
+    return ExportSource(
+        group=GroupInfo(
+            group_id=group.id,
+            group_name=group.group_name,
+            model_name=group.model_name,
+            version=group.version,
+            description=group.description,
+            slice_count=group.slice_count,
+        ),
+        study_instance_uid=row.study_instance_uid,
+        series_instance_uid=row.series_instance_uid,
+        masks=[MaskRef(*mask) for mask in masks],
+    )
+
+
+async def _claim(
+    sessionmaker: async_sessionmaker[AsyncSession], job_id: int, now: datetime
+) -> int | None:
+    """The group of the claimed export, None when another worker has it or it is finished."""
+    async with transaction(sessionmaker) as session:
+        export = await session.scalar(
+            select(DicomExport)
+            .where(
+                DicomExport.id == job_id,
+                or_(
+                    DicomExport.status == DicomExportStatus.PENDING,
+                    (DicomExport.status == DicomExportStatus.RUNNING)
+                    & (DicomExport.claimed_at < now - STALE_AFTER),
+                ),
+            )
+            .with_for_update(skip_locked=True)
+        )
+        if export is None:
+            return None
+        export.status = DicomExportStatus.RUNNING
+        export.claimed_at = now
+        export.attempts += 1
+        export.error = None
+        return export.mask_group_id
+
+
+async def _finish(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    job_id: int,
+    *,
+    result: SegSummary | None,
+    error: str | None,
+) -> None:
+    values: dict[str, Any] = {"finished_at": utcnow(), "error": error}
+    if result is not None:
+        values.update(
+            status=DicomExportStatus.DONE,
+            series_instance_uid=result.series_instance_uid,
+            sop_instance_uid=result.sop_instance_uid,
+            segment_count=result.segment_count,
+            frame_count=result.frame_count,
+        )
+    else:
+        values["status"] = DicomExportStatus.FAILED
+    async with transaction(sessionmaker) as session:
+        await session.execute(update(DicomExport).where(DicomExport.id == job_id).values(values))
+
+
+async def group_seg(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    storage: Storage,
+    settings: Settings,
+    group_id: int,
+    *,
+    source_dir: Path | None = None,
+) -> hd.seg.Segmentation:
+    """The group's SEG, built now, aligned to its source series read from `source_dir` when
+    given, else from the PACS (no transaction is held while it is built)."""
+    async with sessionmaker() as session:
+        export_source = await load_export_source(session, group_id)
+    if source_dir is not None:
+        source = await asyncio.to_thread(
+            read_source_dir,
+            source_dir,
+            export_source.study_instance_uid,
+            export_source.series_instance_uid,
+        )
+    else:
+        pacs = Pacs(settings)
+        try:
+            source = await pacs.source_series(
+                export_source.study_instance_uid, export_source.series_instance_uid
+            )
+        finally:
+            pacs.close()
+    return await build_seg(storage, export_source.group, export_source.masks, source)
+
+
+async def export_to_pacs(storage: Storage, pacs: Pacs, export_source: ExportSource) -> SegSummary:
+    source: SourceSeries = await pacs.source_series(
+        export_source.study_instance_uid, export_source.series_instance_uid
+    )
+    seg = await build_seg(storage, export_source.group, export_source.masks, source)
+    await pacs.store(seg)
+    return summary(seg)
+
+
+async def run_export(
+    job_id: int,
+    *,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    storage: Storage,
+    settings: Settings,
+) -> DicomExportStatus | None:
+    """Claims and runs one export; returns its final status, None if it was not ours."""
+    group_id = await _claim(sessionmaker, job_id, utcnow())
+    if group_id is None:
+        return None
+    pacs: Pacs | None = None
+    try:
+        async with sessionmaker() as session:
+            export_source = await load_export_source(session, group_id)
+        pacs = Pacs(settings)
+        result = await export_to_pacs(storage, pacs, export_source)
+    except (AppError, StorageError) as error:
+        message = error.message if isinstance(error, AppError) else f"storage: {error}"
+        logger.warning("DICOM export %s of group %s failed: %s", job_id, group_id, message)
+        await _finish(sessionmaker, job_id, result=None, error=message[:ERROR_MAX])
+        return DicomExportStatus.FAILED
+    except Exception:
+        logger.exception("DICOM export %s of group %s failed unexpectedly", job_id, group_id)
+        await _finish(
+            sessionmaker,
+            job_id,
+            result=None,
+            error="unexpected error while exporting (see the server log)",
+        )
+        return DicomExportStatus.FAILED
+    finally:
+        if pacs is not None:
+            pacs.close()
+    await _finish(sessionmaker, job_id, result=result, error=None)
+    return DicomExportStatus.DONE
+
+
+async def pending_export_ids(
+    sessionmaker: async_sessionmaker[AsyncSession], limit: int = 100
+) -> Sequence[int]:
+    """Exports a runner should try (`run_export` claims each or skips it)."""
+    stale = utcnow() - STALE_AFTER
+    async with sessionmaker() as session:
+        rows: Sequence[Row[Any]] = (
+            await session.execute(
+                select(DicomExport.id)
+                .where(
+                    or_(
+                        DicomExport.status == DicomExportStatus.PENDING,
+                        (DicomExport.status == DicomExportStatus.RUNNING)
+                        & (DicomExport.claimed_at < stale),
+                    )
+                )
+                .order_by(DicomExport.id)
+                .limit(limit)
+            )
+        ).all()
+    return [row.id for row in rows]

@@ -1,0 +1,60 @@
+"""The PACS mutations: SEG export (in the background) and SEG import."""
+
+from __future__ import annotations
+
+import strawberry
+
+from app.db import transaction
+from app.dicom.export import request_export, run_export
+from app.dicom.imports import import_seg
+from app.graphql.context import Info
+from app.graphql.types import DicomExport, MaskGroup
+from app.models import DicomExportStatus, utcnow
+from app.validation import parse_id
+
+
+@strawberry.type
+class DicomMutation:
+    @strawberry.mutation(
+        description="build a DICOM SEG of a COMPLETE group, aligned to its source series "
+        "fetched from the PACS, and store it in the PACS (STOW-RS); runs in the background"
+    )
+    async def export_mask_group_to_pacs(self, info: Info, id: strawberry.ID) -> DicomExport:
+        context = info.context
+        async with transaction(context.sessionmaker) as session:
+            export = await request_export(
+                session, context.settings, context.actor, group_id=parse_id("id", id), now=utcnow()
+            )
+        if export.status is DicomExportStatus.PENDING:
+            context.background.start(
+                run_export(
+                    export.id,
+                    sessionmaker=context.sessionmaker,
+                    storage=context.storage,
+                    settings=context.settings,
+                )
+            )
+        return DicomExport.from_row(export)
+
+    @strawberry.mutation(
+        description="create a mask group from a DICOM SEG instance stored in the PACS: one "
+        "PNG per source slice and segment"
+    )
+    async def import_dicom_seg(
+        self,
+        info: Info,
+        annotation_id: strawberry.ID,
+        series_instance_uid: str,
+        sop_instance_uid: str,
+    ) -> MaskGroup:
+        context = info.context
+        group = await import_seg(
+            context.sessionmaker,
+            context.storage,
+            context.settings,
+            context.actor,
+            annotation_id=parse_id("annotationId", annotation_id),
+            series_instance_uid=series_instance_uid,
+            sop_instance_uid=sop_instance_uid,
+        )
+        return MaskGroup.from_row(group)

@@ -1,0 +1,49 @@
+"""What request handlers get from the composition root (`app.main.create_app`): the services
+its lifespan builds, handed out through Starlette's lifespan state, and the request id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypedDict
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from starlette.requests import HTTPConnection, Request
+
+from app.config import Settings
+from app.dicom.background import TaskSet
+from app.events import EventBus
+from app.oidc import OidcVerifier
+from app.storage import Storage
+from app.view_urls import ViewUrlSigner
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    settings: Settings
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    storage: Storage
+    oidc: OidcVerifier | None
+    # Tasks this process started in the background (DICOM exports), cancelled at shutdown.
+    background: TaskSet
+    events: EventBus
+    view_urls: ViewUrlSigner
+
+
+class LifespanState(TypedDict):
+    services: Services
+
+
+def services_of(request: HTTPConnection) -> Services:
+    services = request.state.services
+    if not isinstance(services, Services):
+        raise TypeError("the app was started without its lifespan")
+    return services
+
+
+def request_id_of(request: Request) -> str:
+    """Set for every HTTP request by `app.main.RequestIdMiddleware`."""
+    request_id = request.state.request_id
+    if not isinstance(request_id, str):
+        raise TypeError("the request went around RequestIdMiddleware")
+    return request_id

@@ -1,0 +1,89 @@
+"""The background job runner: periodic runs, a failing run retried at the next interval, a
+clean stop, and the sweeper started by `serve` itself."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import base_settings, open_stack
+from sqlalchemy import select
+
+from app.db import create_engine, create_sessionmaker
+from app.jobs import Job, JobContext, JobRunner
+from app.main import open_storage
+from app.models import JobRun
+
+
+async def test_a_failing_run_is_logged_and_retried_then_the_runner_stops(
+    database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = base_settings(
+        database_url=database_url,
+        var_dir=tmp_path,
+        cleanup_enabled=True,
+        cleanup_interval_seconds=0.2,
+    )
+    engine = create_engine(settings.resolved_database_url)
+    storage = await open_storage(settings)
+    calls: list[int] = []
+    stopped = asyncio.Event()
+
+    async def flaky(context: JobContext) -> str:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise RuntimeError("storage hiccup")
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+        return "unreachable"
+
+    name = f"flaky-{tmp_path.name}"
+    job = Job(name, flaky, "cleanup_enabled", "cleanup_interval_seconds")
+    sessionmaker = create_sessionmaker(engine)
+    runner = JobRunner(JobContext(settings, sessionmaker, storage, "test"), [job])
+    try:
+        with caplog.at_level(logging.ERROR, logger="app.jobs"):
+            runner.start()
+            for _ in range(100):
+                if len(calls) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(calls) == 2  # the failure did not stop the loop
+            logged = [record.exc_info[1] for record in caplog.records if record.exc_info]
+            assert [str(error) for error in logged] == ["storage hiccup"]
+            await asyncio.wait_for(runner.stop(), timeout=5)
+        assert stopped.is_set()
+        async with sessionmaker() as session:
+            run = await session.scalar(select(JobRun).where(JobRun.name == name))
+        assert run is not None
+        # Released on the way out, with what stopped it.
+        assert run.locked_until is None
+        assert run.last_error is not None
+        assert "CancelledError" in run.last_error
+    finally:
+        await storage.aclose()
+        await engine.dispose()
+
+
+async def test_serve_runs_the_sweeper_periodically(own_sqlite_url: str, tmp_path: Path) -> None:
+    settings = base_settings(
+        database_url=own_sqlite_url,
+        var_dir=tmp_path,
+        cleanup_enabled=True,
+        cleanup_interval_seconds=0.2,
+    )
+    async with open_stack("sqlite-sweeping", settings) as stack:
+        for _ in range(100):
+            async with stack.sessionmaker() as session:
+                run = await session.scalar(select(JobRun).where(JobRun.name == "storage-cleanup"))
+            if run is not None and run.last_finished_at is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert run is not None
+        assert run.last_finished_at is not None
+        assert run.last_error is None
