@@ -7,7 +7,8 @@ mode (1-bit, 8-bit grey, or a palette label map).
 
 Storage is read with no database transaction open: the group and its masks are read in one
 short session, the objects streamed with bounded concurrency, the report written in a second
-short transaction. `validate_group` is what a background runner calls after completion.
+short transaction, which also answers any pending request of the validation job
+(app/validation_job.py) and publishes a VALIDATED event.
 """
 
 from __future__ import annotations
@@ -22,13 +23,21 @@ from datetime import datetime
 from typing import Any, cast
 
 from PIL import Image
-from sqlalchemy import Row, Table, func, insert, select
+from sqlalchemy import Row, Table, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.audit import Actor, record
 from app.db import transaction
 from app.errors import NotFound, StorageUnavailable
-from app.models import Mask, MaskGroup, MaskGroupValidation, ValidationStatus, utcnow
+from app.events import EventBus, EventKind, MaskGroupEvent, group_state
+from app.models import (
+    Mask,
+    MaskGroup,
+    MaskGroupValidation,
+    ValidationRequest,
+    ValidationStatus,
+    utcnow,
+)
 from app.principals import Role, require, require_owner
 from app.storage import Storage, StorageError
 
@@ -250,22 +259,25 @@ async def validate_group(
     storage: Storage,
     group_id: int,
     *,
+    events: EventBus,
     actor: Actor | None = None,
 ) -> ValidationReport:
-    """Check one group now, store the report and return it. The entry point of a background
-    validation runner; `actor`, when given, must own the group (or be an ADMIN)."""
+    """Check one group now, store the report and return it. `actor`, when given, must own the
+    group (or be an ADMIN); the validation job passes none."""
     if actor is not None:
         require(actor.principal, Role.UPLOADER)
     group, masks = await _load_group(sessionmaker, group_id)
     if actor is not None:
         require_owner(actor.principal, group.created_by, f"mask group {group_id}")
-    problems = await check_objects(storage, group.slice_count, masks)
+    # The state checked is the one read at this moment (masks registered later are not).
     checked_at = utcnow()
+    problems = await check_objects(storage, group.slice_count, masks)
     status = ValidationStatus.INVALID if problems else ValidationStatus.VALID
     stored = [problem.as_json() for problem in problems[:MAX_STORED_PROBLEMS]]
     async with transaction(sessionmaker) as session:
         # The group may have been deleted while storage was read: then there is nothing to keep.
-        if await session.scalar(select(MaskGroup.id).where(MaskGroup.id == group_id)) is None:
+        state = await group_state(session, group_id)
+        if state is None:
             raise NotFound(f"mask group {group_id} was deleted during validation", field="id")
         await session.execute(
             insert(MaskGroupValidation).values(
@@ -275,8 +287,13 @@ async def validate_group(
                 problem_count=len(problems),
                 problems=stored,
                 checked_by=actor.principal.user if actor is not None else None,
+                mask_count=len(masks),
             )
         )
+        await session.execute(
+            delete(ValidationRequest).where(ValidationRequest.mask_group_id == group_id)
+        )
+        await events.publish(session, MaskGroupEvent.of(EventKind.VALIDATED, state))
         if actor is not None:
             await record(
                 session,

@@ -229,6 +229,24 @@ class MaskGroupValidation(Base):
     # At most the first 1000 problems, as {sliceIndex, code, message}.
     problems: Mapped[Any] = mapped_column(JSON)
     checked_by: Mapped[str | None] = mapped_column(Text)
+    # How many masks the run saw: masks are only ever added, so a report is current while the
+    # group still has this many (the validation job's test).
+    mask_count: Mapped[int | None] = mapped_column(Integer)
+
+
+class ValidationRequest(Base):
+    """A group waiting for the validation job: one row per group, claimed with `claim_due`;
+    the transaction that stores a report of the group deletes it."""
+
+    __tablename__ = "mask_group_validation_request"
+
+    mask_group_id: Mapped[int] = mapped_column(
+        ForeignKey("annotation_mask_group.id", ondelete="CASCADE"), primary_key=True
+    )
+    # When the next attempt is due (now, or after a backoff, or past a claim's lease).
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
 
 
 class ApiToken(Base):

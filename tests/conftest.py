@@ -223,6 +223,8 @@ def base_settings(**overrides: Any) -> Settings:
         "allowed_content_types": ["image/png"],
         # Tests run the sweeper themselves, at the moments they choose.
         "cleanup_enabled": False,
+        # ... and validate groups themselves too.
+        "validation_enabled": False,
     }
     values.update(overrides)
     return Settings(**values)

@@ -132,6 +132,7 @@ LAYERS = [
             "app.slices",
             "app.validation",
             "app.group_validation",
+            "app.validation_job",
             "app.tokens",
             "app.audit",
             "app.oidc",

@@ -151,10 +151,14 @@ async def test_every_kind_of_damage_is_reported(stack: Stack) -> None:
 
 async def test_runner_entry_point_stores_the_latest_report(stack: Stack) -> None:
     group_id, keys = await upload_bodies(stack, 2, {0: png(), 1: png()}, {})
-    first = await validate_group(stack.sessionmaker, stack.storage, int(group_id))
+    first = await validate_group(
+        stack.sessionmaker, stack.storage, int(group_id), events=stack.services.events
+    )
     assert first.status.value == "VALID"
     await stack.storage.delete_prefix(keys[1])
-    second = await validate_group(stack.sessionmaker, stack.storage, int(group_id))
+    second = await validate_group(
+        stack.sessionmaker, stack.storage, int(group_id), events=stack.services.events
+    )
     assert [(p.slice_index, p.code) for p in second.problems] == [(1, "MISSING_OBJECT")]
     latest: dict[str, Any] = (await stack.data(LATEST, {"id": group_id}))["maskGroup"]["validation"]
     assert (latest["status"], latest["problemCount"]) == ("INVALID", 1)

@@ -184,7 +184,11 @@ class Mutation(DicomMutation):
     async def validate_mask_group(self, info: Info, id: strawberry.ID) -> ValidationReport:
         context = info.context
         report = await validate_group(
-            context.sessionmaker, context.storage, parse_id("id", id), actor=context.actor
+            context.sessionmaker,
+            context.storage,
+            parse_id("id", id),
+            events=context.events,
+            actor=context.actor,
         )
         return ValidationReport.from_report(report)
 
