@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.audit import Actor, record
 from app.config import Settings
 from app.errors import BadUserInput, NotFound
+from app.json_input import validate_json_input
 from app.models import Annotation, MaskGroup, MaskGroupStatus, utcnow
 from app.principals import Role, require
 from app.validation import (
@@ -81,7 +82,9 @@ async def create_mask_group(
         mask_type=validate_text("maskType", mask_type, 64),
         description=validate_text("description", description, DESCRIPTION_MAX),
         confidence=confidence,
-        inference_parameters=inference_parameters,
+        inference_parameters=validate_json_input(
+            "inferenceParameters", inference_parameters, max_bytes=settings.max_json_input_bytes
+        ),
         created_by=actor.principal.user,
         created_at=utcnow(),
         status=MaskGroupStatus.PENDING,

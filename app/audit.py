@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Row, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.metrics import count_on_commit
 from app.models import AuditEvent, MaskGroup, utcnow
 from app.principals import Principal, Role, require
 from app.validation import check_page, parse_id
@@ -52,6 +53,7 @@ async def record(
             detail=detail,
         )
     )
+    count_on_commit(session, action, slice_count, byte_count)
 
 
 @dataclass(frozen=True, slots=True)

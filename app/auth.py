@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import Request
 
 from app.errors import AppError, Unauthenticated
+from app.metrics import count_unexpected
 from app.models import utcnow
 from app.oidc import OidcVerifier
 from app.principals import ANONYMOUS_ADMIN, Principal
@@ -60,10 +61,15 @@ async def authenticate_request(request: Request) -> Principal:
         return ANONYMOUS_ADMIN
     token = bearer_token(request.headers.get("authorization"))
     try:
-        return await authenticate(services.sessionmaker, token, oidc=services.oidc, now=utcnow())
+        principal = await authenticate(
+            services.sessionmaker, token, oidc=services.oidc, now=utcnow()
+        )
     except AppError:
         raise
     except Exception as error:
+        count_unexpected(error, "authentication")
         request_id = request_id_of(request)
         logger.exception("authentication failed (request %s)", request_id)
         raise AuthenticationUnavailable(request_id) from error
+    request.state.user = principal.user  # for the request log
+    return principal

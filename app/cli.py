@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import getpass
 import json
 import logging
@@ -15,6 +16,7 @@ import uvicorn
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.audit import Actor
+from app.bucket_setup import iam_policy
 from app.cli_failures import (
     CommandFailed,
     ExitCode,
@@ -31,13 +33,15 @@ from app.dicom import cli as dicom_cli
 from app.errors import NotFound
 from app.graphql.schema import schema
 from app.jobs import JobContext, JobRunner, owner_name
-from app.log_redaction import RedactSecrets, uvicorn_log_config
+from app.log_redaction import RedactSecrets
+from app.logging_setup import configure_logging
 from app.main import JOBS, create_app, open_storage, uvicorn_options
 from app.models import ApiToken, utcnow
 from app.principals import Principal, Role
 from app.readiness import check_database
 from app.sweeper import SweepReport, sweep
 from app.tokens import count_tokens, create_token, list_tokens, revoke_token
+from app.usage import UsageGrouping, UsageRow, storage_usage, usage_table
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -74,6 +78,7 @@ async def _first_start_token(settings: Settings) -> str | None:
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     updates = {"host": args.host or settings.host, "port": args.port or settings.port}
     settings = settings.model_copy(update=updates)
+    configure_logging(settings)
     if settings.auth_disabled and settings.host not in LOOPBACK_HOSTS:
         raise CommandFailed(
             ExitCode.USAGE,
@@ -107,7 +112,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        log_config=uvicorn_log_config(),
+        # Our handlers (JSON or text); uvicorn's access log would write signed query strings.
+        log_config=None,
+        access_log=False,
         **uvicorn_options(settings),
     )
     return 0
@@ -128,6 +135,10 @@ def _export_schema(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _setup_storage(settings: Settings, args: argparse.Namespace) -> int:
+    if args.print_iam_policy:
+        print(json.dumps(iam_policy(settings.s3_bucket_name), indent=2))
+        return 0
+
     async def run() -> None:
         storage = await open_storage(settings)
         try:
@@ -136,7 +147,16 @@ def _setup_storage(settings: Settings, args: argparse.Namespace) -> int:
             await storage.aclose()
 
     asyncio.run(run())
-    print(f"pacs-masks: storage ready ({settings.storage_provider})")
+    if settings.storage_provider == "local":
+        print(f"pacs-masks: local storage ready in {settings.resolved_local_storage_dir}")
+        return 0
+    expiry = settings.s3_mask_expiry_days
+    print(
+        f"pacs-masks: bucket {settings.s3_bucket_name} ready; CORS for "
+        f"{', '.join(settings.cors_origins) or 'no origins (CORS_ORIGINS is empty)'}; "
+        "incomplete multipart uploads aborted after 1 day; "
+        + (f"masks expire after {expiry} days" if expiry else "masks never expire")
+    )
     return 0
 
 
@@ -221,6 +241,21 @@ def _list_tokens(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage(settings: Settings, args: argparse.Namespace) -> int:
+    grouping = UsageGrouping[args.group_by.upper()]
+
+    async def run() -> list[UsageRow]:
+        async with _database(settings) as sessionmaker, sessionmaker() as session:
+            return await storage_usage(session, grouping)
+
+    rows = asyncio.run(run())
+    if args.json:
+        print(json.dumps([dataclasses.asdict(row) for row in rows], indent=2))
+    else:
+        print(usage_table(grouping, rows))
+    return 0
+
+
 def _dicom(settings: Settings, args: argparse.Namespace) -> int:
     code, line = dicom_cli.run(settings, args, _cli_actor())
     print(line, file=sys.stderr if code else sys.stdout)
@@ -260,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     setup = commands.add_parser(
         "setup-storage", help="create the bucket, CORS for CORS_ORIGINS and lifecycle rules"
     )
+    setup.add_argument(
+        "--print-iam-policy",
+        action="store_true",
+        help="print the least-privilege IAM policy for S3_BUCKET_NAME and change nothing",
+    )
     setup.set_defaults(handler=_setup_storage)
 
     cleanup = commands.add_parser(
@@ -284,6 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list-tokens", help="list API tokens (never their secrets)")
     listing.set_defaults(handler=_list_tokens)
+
+    usage = commands.add_parser("usage", help="storage taken by the masks, from the database")
+    usage.add_argument(
+        "--group-by",
+        choices=[grouping.value.lower() for grouping in UsageGrouping],
+        default="model",
+        type=str.lower,
+    )
+    usage.add_argument("--json", action="store_true", help="JSON rows instead of a table")
+    usage.set_defaults(handler=_usage)
 
     dicom_cli.add_commands(commands)
     for name in ("export-seg", "import-seg"):

@@ -249,6 +249,7 @@ async def _register(
         )
         group.uploaded_slice_count = uploaded or 0
         group.total_bytes = group.total_bytes + sum(row["file_size"] for row in new_rows)
+        group.object_count = group.object_count + len(new_rows)
         group.status = (
             MaskGroupStatus.COMPLETE
             if group.uploaded_slice_count >= group.slice_count

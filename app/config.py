@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
     aws_session_token: str | None = None
+    # Off by default: storage would delete objects whose rows remain (setup-storage applies it).
+    s3_mask_expiry_days: int | None = Field(None, ge=1)
     storage_connect_timeout: float = Field(5.0, gt=0)
     storage_read_timeout: float = Field(30.0, gt=0)
     storage_max_attempts: int = Field(3, ge=1, le=10)
@@ -71,7 +73,11 @@ class Settings(BaseSettings):
     max_query_depth: int = Field(15, ge=1)
     max_query_aliases: int = Field(50, ge=0)
     max_query_tokens: int = Field(20_000, ge=100)
-    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_query_cost: int = Field(200_000, ge=1)
+    # The largest legitimate body, a 5000-slice batch of the longest values, is 1.1 MB
+    # (1.6 MB indented): 4 MiB leaves room (docs/security.md).
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_json_input_bytes: int = Field(64 * 1024, ge=2)
     # Slow clients: a request's headers, and its body, must arrive within these many seconds.
     request_header_timeout: float = Field(10, gt=0)
     request_body_timeout: float = Field(30, gt=0)
@@ -88,12 +94,20 @@ class Settings(BaseSettings):
     dicomweb_password: str | None = None
     dicomweb_token: str | None = None
     dicomweb_timeout: float = Field(60.0, gt=0)
+    dicom_export_enabled: bool = True
+    # Exports also start at once when requested (the mutation wakes the job); the interval
+    # is how soon another replica, or a restarted one, takes over what is pending.
+    dicom_export_interval_seconds: float = Field(2.0, gt=0)
 
     public_base_url: str = ""
     cors_origins: Annotated[list[str], NoDecode] = []
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    # auto: human-readable text on a terminal, JSON lines otherwise (log collectors).
+    log_format: Literal["auto", "json", "text"] = "auto"
+    metrics_token: str | None = Field(None, min_length=16)
+    metrics_public: bool = False
 
     @field_validator(
         "allowed_content_types",

@@ -12,11 +12,14 @@ interval settings; `app.main.JOBS` lists them, one line each, and the lifespan s
   `cleanup` command, or a lease that ran out) never take the same row.
 
 A failing run is logged and tried again at the next interval; `stop` cancels the loops.
+`wake(name)` starts a run at once (the DICOM export mutation, after its commit), so work a
+request has just recorded does not wait for the interval.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -109,6 +112,12 @@ class JobRunner:
         self.context = context
         self.jobs = list(jobs)
         self._tasks: list[asyncio.Task[None]] = []
+        self._wakes = {job.name: asyncio.Event() for job in self.jobs}
+
+    def wake(self, name: str) -> None:
+        """Run the job now rather than at its next interval (a no-op if it is switched off;
+        another replica's live lease still wins, and its next run finds the work)."""
+        self._wakes[name].set()
 
     def start(self) -> None:
         for job in self.jobs:
@@ -124,11 +133,16 @@ class JobRunner:
 
     async def _loop(self, job: Job) -> None:
         interval = job.interval(self.context.settings)
+        wake = self._wakes[job.name]
         while True:
             # Jitter keeps replicas started together from claiming in lockstep.
-            await asyncio.sleep(interval * random.uniform(0.9, 1.1))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), interval * random.uniform(0.9, 1.1))
+            # Cleared before the run: a wake during it means work the run may have missed.
+            woken = wake.is_set()
+            wake.clear()
             try:
-                await self.run_once(job)
+                await self.run_once(job, force=woken)
             except Exception:
                 logger.exception("job %s failed; it runs again in %.0f s", job.name, interval)
 
@@ -145,7 +159,8 @@ class JobRunner:
             raise
         finally:
             await self._release(job, error)
-        logger.info("job %s: %s", job.name, report)
+        # A report that is false (an export poll that found nothing) is not worth a log line.
+        logger.log(logging.INFO if report else logging.DEBUG, "job %s: %s", job.name, report)
         return report
 
     async def _claim(self, job: Job, now: datetime, *, force: bool) -> bool:

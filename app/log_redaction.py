@@ -1,18 +1,14 @@
 """Credentials never reach a log line: signed storage URLs (valid for up to an hour) lose their
 query string or signature, API tokens their secret part.
 
-`RedactSecrets` is a logging filter for any handler; `serve` puts it on uvicorn's access and
-error handlers (`uvicorn_log_config`) and on the root handler of the command line."""
+`RedactSecrets` is a logging filter for any handler; the command line puts it on its root
+handler and `serve` on the handler of its JSON or text logs (app/logging_setup.py)."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from collections.abc import Mapping
-from typing import Any
-
-from uvicorn.config import LOGGING_CONFIG
 
 from app.tokens import TOKEN_PREFIX
 
@@ -49,12 +45,3 @@ class RedactSecrets(logging.Filter):
             # uvicorn's access formatter unpacks exactly five arguments: keep the shape.
             record.args = tuple(_redact_value(value) for value in record.args)
         return True
-
-
-def uvicorn_log_config() -> dict[str, Any]:
-    """uvicorn's own logging configuration with RedactSecrets on each of its handlers."""
-    config = copy.deepcopy(LOGGING_CONFIG)
-    config["filters"] = {"redact_secrets": {"()": f"{__name__}.RedactSecrets"}}
-    for handler in config["handlers"].values():
-        handler["filters"] = ["redact_secrets"]
-    return config

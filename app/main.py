@@ -18,16 +18,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import DisableIntrospection
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from app.access import AccessMiddleware
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker
 from app.dicom import routes as dicom_routes
-from app.dicom.background import TaskSet
+from app.dicom.export import EXPORT_JOB, export_job
 from app.events import create_event_bus
+from app.graphql.cost import QueryCost
 from app.graphql.live import LiveGraphQL
 from app.graphql.schema import create_schema
 from app.graphql.view import graphql_endpoint
 from app.jobs import Job, JobContext, JobRunner, owner_name
 from app.local_storage import ROUTE_METHODS, ROUTE_PATH, LocalStorage
+from app.metrics_http import metrics_endpoint
 from app.oidc import OidcConfig, OidcVerifier
 from app.routes import healthz, local_object, readyz, view_mask
 from app.s3 import S3Storage
@@ -45,6 +48,15 @@ REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 JOBS = [
     Job("storage-cleanup", sweep_job, "cleanup_enabled", "cleanup_interval_seconds"),
     Job("validation", validation_job, "validation_enabled", "validation_interval_seconds"),
+    # A short lease: a replica that dies mid-export must not hold the others off for long,
+    # and two runs at once are harmless (each export row is claimed by one run only).
+    Job(
+        EXPORT_JOB,
+        export_job,
+        "dicom_export_enabled",
+        "dicom_export_interval_seconds",
+        lease_seconds=120,
+    ),
 ]
 
 
@@ -100,13 +112,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
     extensions = [] if settings.graphql_introspection else [DisableIntrospection]
     schema = create_schema(extensions=extensions)
+    query_cost = QueryCost(schema._schema, max_slices_per_call=settings.max_slices_per_call)
     routes = [
-        Route("/graphql", graphql_endpoint(schema), methods=["GET", "POST"]),
-        WebSocketRoute("/graphql", LiveGraphQL(schema, settings)),
+        Route("/graphql", graphql_endpoint(schema, query_cost), methods=["GET", "POST"]),
+        WebSocketRoute("/graphql", LiveGraphQL(schema, settings, query_cost)),
         Route("/api/mask-group/{group_id:int}/view", view_mask, methods=["GET"]),
         *dicom_routes.ROUTES,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         *static_routes(settings),
     ]
     if settings.storage_provider == "local":
@@ -117,7 +131,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
         oidc_config = OidcConfig.from_settings(settings)
         oidc = OidcVerifier.from_config(oidc_config) if oidc_config else None
         engine = create_engine(settings.resolved_database_url)
-        background = TaskSet()
         events = create_event_bus(engine)
         try:
             storage = await open_storage(settings)
@@ -134,14 +147,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
                         sessionmaker=sessionmaker,
                         storage=storage,
                         oidc=oidc,
-                        background=background,
+                        jobs=runner,
                         events=events,
                         view_urls=ViewUrlSigner.from_settings(settings),
                     )
                 }
             finally:
                 await runner.stop()
-                await background.aclose()
                 await events.aclose()
                 await storage.aclose()
         finally:
@@ -149,6 +161,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     middleware = [
         Middleware(RequestIdMiddleware),
+        Middleware(AccessMiddleware),
         Middleware(BodyDeadlineMiddleware, timeout=settings.request_body_timeout),
     ]
     if settings.forwarded_allow_ips:

@@ -54,6 +54,9 @@ class MaskGroupStatus(enum.Enum):
     COMPLETE = "COMPLETE"
 
 
+# Id columns are 32-bit integers (PostgreSQL's integer); no row has a larger id.
+MAX_ID = 2**31 - 1
+
 # Ids are never reused (SQLite would reuse the highest after a delete without AUTOINCREMENT):
 # audit records and logs keep naming them after the rows are gone.
 NO_ID_REUSE = {"sqlite_autoincrement": True}
@@ -100,6 +103,8 @@ class MaskGroup(Base):
     )
     # Kept with the registering statement so the group list never aggregates its masks.
     uploaded_slice_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Stored objects (a slice with labels has several): storage usage sums these.
+    object_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     total_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     # Latest expiry of a PUT URL issued for the group: an upload can land until then, so
     # storage cleanup after a delete must look again at that moment.

@@ -10,6 +10,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from app.auth import CHALLENGE, AuthenticationUnavailable, authenticate_request
 from app.errors import Unauthenticated
 from app.local_storage import LocalStorage
+from app.metrics import DATABASE_ERRORS, STORAGE_ERRORS
+from app.models import MAX_ID
 from app.readiness import readiness
 from app.slices import find_mask
 from app.state import services_of
@@ -27,6 +29,8 @@ async def readyz(request: Request) -> Response:
     services = services_of(request)
     timeout = services.settings.readiness_timeout
     states, problems = await readiness(services.engine, services.storage, timeout)
+    if states["database"] != "ok":
+        DATABASE_ERRORS.labels("readyz").inc()
     if problems:
         logger.warning("readiness: %s", "; ".join(problems))
     ready = all(state == "ok" for state in states.values())
@@ -59,8 +63,13 @@ async def view_mask(request: Request) -> Response:
         return refusal
     slice_param = request.query_params.get("slice", "")
     label = request.query_params.get("label") or None
-    if not slice_param.isdigit() or (label is not None and not LABEL_PATTERN.match(label)):
+    # isdigit() alone admits "²", which int() refuses.
+    if not (slice_param.isascii() and slice_param.isdigit()):
         return PlainTextResponse("slice must be a non-negative integer", status_code=400)
+    if label is not None and not LABEL_PATTERN.match(label):
+        return PlainTextResponse("label must match [A-Za-z0-9][A-Za-z0-9_-]{0,63}", status_code=400)
+    if group_id > MAX_ID or len(slice_param.lstrip("0")) > 10 or int(slice_param) > MAX_ID:
+        return PlainTextResponse("no such mask", status_code=404)  # beyond any stored id
     async with services.sessionmaker() as session:
         row = await find_mask(session, group_id, int(slice_param), label)
     if row is None:
@@ -75,6 +84,7 @@ async def view_mask(request: Request) -> Response:
         stream = await services.storage.open(row.file_path)
     except StorageError:
         logger.exception("view: storage unavailable for %s", row.file_path)
+        STORAGE_ERRORS.labels("view").inc()
         return PlainTextResponse("storage unavailable", status_code=503)
     if stream is None:
         return PlainTextResponse("object missing from storage", status_code=404)

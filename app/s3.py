@@ -16,6 +16,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
+from app.bucket_setup import configure_bucket
 from app.config import Settings
 from app.sigv4 import Credentials, Presigner, checked_presigner
 from app.storage import (
@@ -24,6 +25,7 @@ from app.storage import (
     ObjectStream,
     SignedRequest,
     StorageError,
+    StorageRefused,
     StoredObject,
     signed_put,
 )
@@ -33,37 +35,13 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE = 64 * 1024
 # S3 refuses DeleteObjects with more keys than this (moto does not, so it would not tell us).
 DELETE_BATCH_SIZE = 1000
-LIFECYCLE_RULE_ID = "abort-incomplete-multipart"
-LIFECYCLE_PREFIX = "mask/"
 # Refreshable credentials (instance roles, web identity, SSO) are re-frozen this often; botocore
 # itself refreshes them 15 minutes before they expire, so a minute is well inside that window.
 CREDENTIAL_REFRESH_SECONDS = 60.0
 
 _MD5_HEX = re.compile(r"[0-9a-f]{32}")
-# HEAD answers carry no body, so a missing object or bucket there is just "404".
+# HEAD answers carry no body, so a missing object there is just "404".
 _NO_SUCH_KEY_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
-_NO_SUCH_BUCKET_CODES = frozenset({"NoSuchBucket", "NotFound", "404"})
-# Servers without bucket sub-resource APIs answer in several ways: NotImplemented (the S3
-# spelling), 405/501, or, as rclone's gofakes3 does, by treating PUT ?cors as CreateBucket.
-_UNSUPPORTED_CODES = frozenset(
-    {
-        "NotImplemented",
-        "MethodNotAllowed",
-        "501",
-        "405",
-        "BucketAlreadyExists",
-        "BucketAlreadyOwnedByYou",
-    }
-)
-
-
-class _Refused(StorageError):
-    """The server answered with an error; callers that expect some codes inspect `code`."""
-
-    def __init__(self, operation: str, code: str, status: int) -> None:
-        super().__init__(f"S3 {operation} failed: {code} (HTTP {status})")
-        self.code = code
-        self.status = status
 
 
 class _BodyChunks:
@@ -174,8 +152,10 @@ class S3Storage:
         presigner: Presigner,
         exit_stack: AsyncExitStack,
         deadline: float = 120.0,
+        mask_expiry_days: int | None = None,
     ) -> None:
         self._client: Any = client
+        self._mask_expiry_days = mask_expiry_days
         self._bucket = bucket
         self._region = region
         self._presigner = presigner
@@ -233,6 +213,7 @@ class S3Storage:
             presigner,
             exit_stack,
             settings.storage_call_deadline,
+            mask_expiry_days=settings.s3_mask_expiry_days,
         )
         if chain is not None and getattr(chain, "refresh_needed", None) is not None:
             storage._refresh_task = asyncio.create_task(storage._keep_credentials_fresh(chain))
@@ -303,7 +284,7 @@ class S3Storage:
             error = exc.response.get("Error") or {}
             metadata = exc.response.get("ResponseMetadata") or {}
             code = str(error.get("Code") or "Unknown")
-            raise _Refused(operation, code, int(metadata.get("HTTPStatusCode") or 0)) from exc
+            raise StorageRefused(operation, code, int(metadata.get("HTTPStatusCode") or 0)) from exc
         except (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise StorageError(f"S3 {operation}: {type(exc).__name__}") from exc
         return response
@@ -393,7 +374,7 @@ class S3Storage:
     async def open(self, key: str) -> ObjectStream | None:
         try:
             response = await self._call("get_object", Bucket=self._bucket, Key=key)
-        except _Refused as exc:
+        except StorageRefused as exc:
             # A missing bucket is a broken configuration, not a missing mask.
             if exc.code in _NO_SUCH_KEY_CODES:
                 return None
@@ -407,95 +388,6 @@ class S3Storage:
         )
 
     async def ensure_bucket(self, cors_origins: Sequence[str]) -> None:
-        await self._create_bucket_if_missing()
-        if cors_origins:
-            await self._put_cors(cors_origins)
-        await self._put_lifecycle()
-
-    async def _create_bucket_if_missing(self) -> None:
-        try:
-            await self._call("head_bucket", Bucket=self._bucket)
-            return
-        except _Refused as exc:
-            if exc.code not in _NO_SUCH_BUCKET_CODES:
-                raise
-        params: dict[str, Any] = {"Bucket": self._bucket}
-        if self._region != "us-east-1":
-            params["CreateBucketConfiguration"] = {"LocationConstraint": self._region}
-        try:
-            await self._call("create_bucket", **params)
-            log.info("created bucket %s", self._bucket)
-        except _Refused as exc:
-            if exc.code == "BucketAlreadyOwnedByYou":
-                return
-            if exc.code == "BucketAlreadyExists":
-                # Either another replica won the race (fine) or another account owns the name.
-                await self._call("head_bucket", Bucket=self._bucket)
-                return
-            raise
-
-    async def _put_cors(self, cors_origins: Sequence[str]) -> None:
-        rule = {
-            "AllowedOrigins": list(cors_origins),
-            "AllowedMethods": ["PUT", "GET", "HEAD"],
-            "AllowedHeaders": ["Content-Type", "Content-MD5"],
-            "ExposeHeaders": ["ETag"],
-            "MaxAgeSeconds": 3000,
-        }
-        try:
-            await self._call(
-                "put_bucket_cors", Bucket=self._bucket, CORSConfiguration={"CORSRules": [rule]}
-            )
-        except _Refused as exc:
-            if exc.code not in _UNSUPPORTED_CODES:
-                raise
-            log.warning(
-                "storage server does not support bucket CORS (%s); browsers may be refused",
-                exc.code,
-            )
-
-    async def _put_lifecycle(self) -> None:
-        ours: dict[str, Any] = {
-            "ID": LIFECYCLE_RULE_ID,
-            "Filter": {"Prefix": LIFECYCLE_PREFIX},
-            "Status": "Enabled",
-            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
-        }
-        try:
-            current = await self._call("get_bucket_lifecycle_configuration", Bucket=self._bucket)
-            rules: list[dict[str, Any]] = list(current.get("Rules") or [])
-        except _Refused as exc:
-            if exc.code == "NoSuchLifecycleConfiguration":
-                current, rules = {}, []
-            elif exc.code in _UNSUPPORTED_CODES:
-                self._warn_no_lifecycle(exc.code)
-                return
-            else:
-                raise
-        # Rules added by operators (expiry, transitions) are kept; only ours is replaced.
-        others = [rule for rule in rules if rule.get("ID") != LIFECYCLE_RULE_ID]
-        if len(others) < len(rules) and ours in rules:
-            return
-        params: dict[str, Any] = {
-            "Bucket": self._bucket,
-            "LifecycleConfiguration": {"Rules": [*others, ours]},
-        }
-        # A PUT without it would silently reset an operator's bucket-wide choice.
-        if current.get("TransitionDefaultMinimumObjectSize"):
-            params["TransitionDefaultMinimumObjectSize"] = current[
-                "TransitionDefaultMinimumObjectSize"
-            ]
-        try:
-            await self._call("put_bucket_lifecycle_configuration", **params)
-        except _Refused as exc:
-            if exc.code not in _UNSUPPORTED_CODES:
-                raise
-            self._warn_no_lifecycle(exc.code)
-
-    @staticmethod
-    def _warn_no_lifecycle(code: str) -> None:
-        log.warning(
-            "storage server does not support bucket lifecycle rules (%s); incomplete "
-            "multipart uploads will not be aborted automatically",
-            code,
+        await configure_bucket(
+            self._call, self._bucket, self._region, cors_origins, self._mask_expiry_days
         )

@@ -10,8 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection, Request
 
 from app.config import Settings
-from app.dicom.background import TaskSet
 from app.events import EventBus
+from app.jobs import JobRunner
 from app.oidc import OidcVerifier
 from app.storage import Storage
 from app.view_urls import ViewUrlSigner
@@ -24,8 +24,8 @@ class Services:
     sessionmaker: async_sessionmaker[AsyncSession]
     storage: Storage
     oidc: OidcVerifier | None
-    # Tasks this process started in the background (DICOM exports), cancelled at shutdown.
-    background: TaskSet
+    # The background jobs of this process; requests wake one when they leave it work.
+    jobs: JobRunner
     events: EventBus
     view_urls: ViewUrlSigner
 

@@ -17,12 +17,22 @@ from typing import Protocol
 from app.config import CONTENT_TYPE_EXTENSIONS
 
 KEY_ROOT = "mask"
+# \Z, not $: "$" also matches before a trailing newline, which would reach a key.
+LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 LIST_PAGE_SIZE = 1000
-LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 class StorageError(Exception):
     """Storage could not be reached or refused a request we expected it to accept."""
+
+
+class StorageRefused(StorageError):
+    """The server answered with an error; callers that expect some codes inspect `code`."""
+
+    def __init__(self, operation: str, code: str, status: int) -> None:
+        super().__init__(f"S3 {operation} failed: {code} (HTTP {status})")
+        self.code = code
+        self.status = status
 
 
 def group_prefix(annotation_id: int, group_id: int) -> str:

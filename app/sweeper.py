@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import transaction
 from app.deletion import GroupDeletion, Purge, purge, settle_purge
 from app.jobs import JobContext, acquire_lease, claim_due, release_lease
+from app.metrics import count_sweep
 from app.models import Mask, MaskGroup, MaskUpload, StorageDeletion, utcnow
 from app.storage import KEY_ROOT, ListedObject, StorageError
 
@@ -94,6 +95,12 @@ async def sweep(
         await _sweep_deletions(context, report, now)
     await _sweep_debris_once(context, report, now)
     logger.info("storage sweep: %s", report.summary())
+    if not dry_run:
+        count_sweep(
+            (report.deleted_objects, report.deleted_bytes),
+            (report.debris_objects, report.debris_bytes),
+            len(report.errors),
+        )
     return report
 
 

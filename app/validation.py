@@ -7,10 +7,12 @@ import re
 from typing import Any
 
 from app.config import Settings
-from app.errors import BadUserInput, Conflict
+from app.errors import BadUserInput, Conflict, NotFound
+from app.models import MAX_ID
 
 # DICOM PS3.5 §9.1: digits and dots, no leading zeros in a component, at most 64 characters.
-UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# \Z, not $: "$" also matches before a trailing newline.
+UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\Z")
 UID_MAX_LENGTH = 64
 SHORT_TEXT_MAX = 256
 DESCRIPTION_MAX = 4000
@@ -46,8 +48,11 @@ def validate_text(field: str, value: str | None, max_length: int = SHORT_TEXT_MA
 
 
 def parse_id(field: str, value: str) -> int:
-    if not value.isascii() or not value.isdigit() or len(value) > 18:
+    if not value.isascii() or not value.isdigit():
         raise BadUserInput(f"{field} is not a valid id: {value[:40]!r}", field=field)
+    # Beyond the id columns' range nothing exists (and PostgreSQL would refuse the query).
+    if len(value.lstrip("0")) > len(str(MAX_ID)) or int(value) > MAX_ID:
+        raise NotFound(f"{field} {value[:40]} does not exist", field=field)
     return int(value)
 
 

@@ -1,5 +1,5 @@
 """Test stacks built from real parts: the app served by uvicorn on loopback, a database built by
-`alembic upgrade head` (SQLite and PostgreSQL), and real storage (local disk, moto's S3 server).
+`alembic upgrade head` (SQLite and PostgreSQL), and real storage (local disk, SeaweedFS's S3).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import asyncpg
 import httpx
@@ -37,7 +37,7 @@ from app.tokens import create_token
 pytest_plugins = ["storage_servers", "pacs_server", "pacs_flows"]
 
 if TYPE_CHECKING:
-    from storage_servers import MotoServer
+    from storage_servers import SeaweedServer
 
 IS_CI = os.environ.get("CI") == "true"
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -45,7 +45,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 
 
-def unavailable(reason: str) -> None:
+def unavailable(reason: str) -> NoReturn:
     if IS_CI:
         pytest.fail(f"{reason} (required under CI=true)", pytrace=False)
     pytest.skip(reason)
@@ -225,6 +225,8 @@ def base_settings(**overrides: Any) -> Settings:
         "cleanup_enabled": False,
         # ... and validate groups themselves too.
         "validation_enabled": False,
+        # Only the PACS tests have exports to run (their stack switches the job on).
+        "dicom_export_enabled": False,
     }
     values.update(overrides)
     return Settings(**values)
@@ -301,12 +303,15 @@ async def sqlite_local_stack(
 
 @pytest.fixture(scope="session")
 async def postgres_s3_stack(
-    postgres_url: str, moto_server: MotoServer, tmp_path_factory: pytest.TempPathFactory
+    postgres_url: str, seaweed_server: SeaweedServer, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Stack]:
+    """The main S3 stack: SeaweedFS checks signatures, expiry and Content-MD5 as S3 does."""
     from storage_servers import s3_settings
 
     bucket = f"pacs-masks-{secrets.token_hex(4)}"
-    storage_settings = s3_settings(moto_server.endpoint_url, "testing", "testing", bucket)
+    storage_settings = s3_settings(
+        seaweed_server.endpoint_url, seaweed_server.access_key, seaweed_server.secret_key, bucket
+    )
     settings = storage_settings.model_copy(
         update={"database_url": postgres_url, "var_dir": tmp_path_factory.mktemp("var")}
     )

@@ -113,6 +113,7 @@ async def pacs_stack(
         dicomweb_username=orthanc.username,
         dicomweb_password=orthanc.password,
         dicomweb_timeout=20,
+        dicom_export_enabled=True,
     )
     async with open_stack("postgresql-local-orthanc", settings) as stack:
         yield stack

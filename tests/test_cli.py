@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from commands import BIN, clean_env, run_cli, served
 from conftest import base_settings
 from sqlalchemy import select
 
@@ -20,8 +18,6 @@ from app.errors import Unauthenticated
 from app.models import ApiToken, AuditEvent, utcnow
 from app.principals import Principal, Role
 
-BIN = Path(sys.executable).parent
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -29,78 +25,36 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _clean_env() -> dict[str, str]:
-    # The embedded default: no DATABASE_URL, no storage settings.
-    return {key: os.environ[key] for key in ("PATH", "HOME", "LANG") if key in os.environ}
-
-
-def _start(tmp_path: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [str(BIN / "pacs-masks"), "serve", "--port", str(port)],
-            cwd=tmp_path,
-            env=_clean_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def _wait_healthy(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-            return
-        except httpx.TransportError:
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "server did not start within 30 s"
-            time.sleep(0.2)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    process.wait(timeout=15)
-
-
 CREATE = 'mutation { createAnnotation(input: {studyInstanceUid: "1.2.3"}) { id createdBy } }'
 
 
 def test_serve_on_the_embedded_default(tmp_path: Path) -> None:
-    port = _free_port()
-    log = tmp_path / "serve.log"
-    process = _start(tmp_path, port, log)
-    try:
-        _wait_healthy(process, port, log)
-        url = f"http://127.0.0.1:{port}/graphql"
-        output = log.read_text()
-        token = output.split("it is shown only once:\n", 1)[1].split()[0]
+    with served(tmp_path, clean_env()) as server:
+        url = f"{server.base_url}/graphql"
+        assert server.token is not None
         refused = httpx.post(url, json={"query": CREATE})
         assert refused.status_code == 401
         created = httpx.post(
-            url, json={"query": CREATE}, headers={"Authorization": f"Bearer {token}"}
+            url, json={"query": CREATE}, headers={"Authorization": f"Bearer {server.token}"}
         ).json()
         assert created == {"data": {"createAnnotation": {"id": "1", "createdBy": "admin"}}}
-    finally:
-        _stop(process)
-    assert f"GraphiQL at {url}" in output
-    assert f"viewer at http://127.0.0.1:{port}/viewer/" in output
+    printed = server.stdout.read_text()
+    assert f"GraphiQL at {url}" in printed
+    assert f"viewer at {server.base_url}/viewer/" in printed
     assert (tmp_path / "var" / "pacs-masks.db").exists()
     assert (tmp_path / "var" / "storage").is_dir()
 
     # The next start reuses the database and prints no new token.
-    process = _start(tmp_path, port, log)
-    try:
-        _wait_healthy(process, port, log)
-    finally:
-        _stop(process)
-    assert log.read_text().count("shown only once") == 1
+    with served(tmp_path, clean_env()) as again:
+        assert again.token is None
+    assert "shown only once" not in again.stdout.read_text()
 
 
 def test_serve_refuses_a_public_address_without_authentication(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(BIN / "pacs-masks"), "serve", "--host", "0.0.0.0", "--port", str(_free_port())],
         cwd=tmp_path,
-        env={**_clean_env(), "AUTH_DISABLED": "true"},
+        env={**clean_env(), "AUTH_DISABLED": "true"},
         capture_output=True,
         text=True,
         timeout=30,
@@ -111,31 +65,20 @@ def test_serve_refuses_a_public_address_without_authentication(tmp_path: Path) -
 
 
 def test_migrate_and_export_schema(tmp_path: Path) -> None:
-    env = {**_clean_env(), "DATABASE_URL": f"sqlite:///{tmp_path / 'm.db'}"}
-    migrated = _cli(tmp_path, env, "migrate")
+    env = {**clean_env(), "DATABASE_URL": f"sqlite:///{tmp_path / 'm.db'}"}
+    migrated = run_cli(tmp_path, env, "migrate")
     assert migrated.returncode == 0, migrated.stderr
     assert (tmp_path / "m.db").exists()
-    exported = _cli(tmp_path, env, "export-schema")
+    exported = run_cli(tmp_path, env, "export-schema")
     assert exported.returncode == 0, exported.stderr
     assert "requestMaskUploadUrls" in exported.stdout
 
 
-def _cli(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "pacs-masks"), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-
-
 async def test_token_commands(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 't.db'}"
-    env = {**_clean_env(), "DATABASE_URL": url}
-    assert _cli(tmp_path, env, "migrate").returncode == 0
-    created = _cli(
+    env = {**clean_env(), "DATABASE_URL": url}
+    assert run_cli(tmp_path, env, "migrate").returncode == 0
+    created = run_cli(
         tmp_path,
         env,
         "create-token",
@@ -158,7 +101,7 @@ async def test_token_commands(tmp_path: Path) -> None:
         principal = await authenticate(sessionmaker, secret, oidc=None, now=utcnow())
         assert principal == Principal("worker-7", Role.UPLOADER)
 
-        listing = _cli(tmp_path, env, "list-tokens")
+        listing = run_cli(tmp_path, env, "list-tokens")
         assert "worker-7" in listing.stdout
         assert "active" in listing.stdout
         assert secret not in listing.stdout
@@ -169,12 +112,12 @@ async def test_token_commands(tmp_path: Path) -> None:
                 secret not in (stored.token_prefix + stored.token_hash)[len(stored.token_prefix) :]
             )
 
-        revoked = _cli(tmp_path, env, "revoke-token", str(stored.id))
+        revoked = run_cli(tmp_path, env, "revoke-token", str(stored.id))
         assert revoked.returncode == 0, revoked.stderr
         with pytest.raises(Unauthenticated):
             await authenticate(sessionmaker, secret, oidc=None, now=utcnow())
-        assert "revoked" in _cli(tmp_path, env, "list-tokens").stdout
-        again = _cli(tmp_path, env, "revoke-token", str(stored.id))
+        assert "revoked" in run_cli(tmp_path, env, "list-tokens").stdout
+        again = run_cli(tmp_path, env, "revoke-token", str(stored.id))
         assert again.returncode == 1
 
         async with sessionmaker() as session:
@@ -186,5 +129,5 @@ async def test_token_commands(tmp_path: Path) -> None:
     finally:
         await engine.dispose()
 
-    refused = _cli(tmp_path, env, "create-token", "--user", "x", "--role", "superuser")
+    refused = run_cli(tmp_path, env, "create-token", "--user", "x", "--role", "superuser")
     assert refused.returncode == 2

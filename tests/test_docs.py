@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from app.config import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -38,3 +40,22 @@ def test_security_page_names_every_audit_action() -> None:
         "token.revoke",
     ):
         assert f"`{action}`" in page
+
+
+def test_limits_are_documented_with_their_defaults() -> None:
+    defaults = Settings(_env_file=None)
+    readme = (ROOT / "README.md").read_text()
+    security = (ROOT / "docs" / "security.md").read_text()
+    limits = security[security.index("## Limits") :]
+    for name in (
+        "max_query_cost",
+        "max_request_bytes",
+        "max_json_input_bytes",
+        "max_query_depth",
+        "max_query_aliases",
+        "max_query_tokens",
+        "max_slices_per_call",
+    ):
+        setting = f"`{name.upper()}`"
+        assert f"| {setting} | `{getattr(defaults, name)}` |" in readme, name
+        assert f"| {setting} |" in limits, name

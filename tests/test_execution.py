@@ -43,7 +43,7 @@ async def test_fast_path_matches_standard_execution(stack: Stack, query: str) ->
         settings=stack.settings,
         sessionmaker=stack.sessionmaker,
         storage=stack.storage,
-        background=stack.services.background,
+        jobs=stack.services.jobs,
         actor=Actor(Principal("reader-1", Role.READER), request_id="test"),
         events=stack.services.events,
         view_urls=stack.services.view_urls,

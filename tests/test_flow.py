@@ -1,4 +1,4 @@
-"""The whole upload sequence over HTTP, on SQLite + local disk and PostgreSQL + moto S3."""
+"""The whole upload sequence over HTTP, on SQLite + local disk and PostgreSQL + SeaweedFS S3."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 import httpx
-from conftest import Stack, content_md5, open_stack, png_bytes
+from conftest import Stack, content_md5, open_stack, png_bytes, reset
 from flows import create_annotation, create_group, put, slice_inputs
 from operations import COMPLETE, DELETE_GROUP, REQUEST_URLS, TREE
 from storage_servers import RcloneServer, s3_settings
@@ -126,36 +126,48 @@ async def test_create_upload_complete_query_delete(stack: Stack) -> None:
     assert gone.status_code == 404
 
 
-async def test_signature_checking_storage_refuses_what_it_must(
+async def refuses_what_it_must(stack: Stack) -> None:
+    """Expired, tampered and wrong-body PUTs fail at storage; completion then finds nothing;
+    the right body completes and deletion empties the prefix."""
+    annotation_id = await create_annotation(stack)
+    group_id = await create_group(stack, annotation_id, 1)
+    slices, bodies = slice_inputs([0])
+
+    short = await stack.data(REQUEST_URLS, {"groupId": group_id, "slices": slices, "ttl": 1})
+    [expiring] = short["requestMaskUploadUrls"]
+    await asyncio.sleep(2.1)
+    assert await put(stack, expiring, bodies[0]) in (400, 403)
+
+    fresh = await stack.data(REQUEST_URLS, {"groupId": group_id, "slices": slices})
+    [target] = fresh["requestMaskUploadUrls"]
+    tampered = dict(target, url=target["url"][:-4] + "0000")
+    assert await put(stack, tampered, bodies[0]) == 403
+    assert await put(stack, target, bodies[0][::-1]) == 400  # BadDigest
+    completion = await stack.error(COMPLETE, {"groupId": group_id, "slices": [{"sliceIndex": 0}]})
+    assert completion["extensions"]["code"] == "UPLOAD_INCOMPLETE"
+
+    assert await put(stack, target, bodies[0]) == 200
+    done = await stack.data(COMPLETE, {"groupId": group_id, "slices": [{"sliceIndex": 0}]})
+    assert done["completeMaskUpload"]["maskGroup"]["status"] == "COMPLETE"
+    deleted = (await stack.data(DELETE_GROUP, {"id": group_id}))["deleteMaskGroup"]
+    assert deleted["deletedObjectCount"] == 1
+
+
+async def test_seaweedfs_refuses_what_it_must(postgres_s3_stack: Stack) -> None:
+    """The main stack, PostgreSQL + SeaweedFS, which checks signatures, expiry and Content-MD5."""
+    try:
+        await refuses_what_it_must(postgres_s3_stack)
+    finally:
+        await reset(postgres_s3_stack)
+
+
+async def test_rclone_refuses_what_it_must(
     rclone_server: RcloneServer, own_sqlite_url: str, tmp_path: Path
 ) -> None:
-    """Against `rclone serve s3`, which checks signatures, expiry and Content-MD5."""
+    """Against `rclone serve s3`, which checks the same as a second implementation."""
     settings = s3_settings(
         rclone_server.endpoint_url, rclone_server.access_key, rclone_server.secret_key, "pacs-masks"
     ).model_copy(update={"database_url": own_sqlite_url, "var_dir": tmp_path})
     async with open_stack("sqlite-rclone", settings, ensure_bucket=False) as stack:
-        annotation_id = await create_annotation(stack)
-        group_id = await create_group(stack, annotation_id, 1)
-        slices, bodies = slice_inputs([0])
-
-        short = await stack.data(REQUEST_URLS, {"groupId": group_id, "slices": slices, "ttl": 1})
-        [expiring] = short["requestMaskUploadUrls"]
-        await asyncio.sleep(2.1)
-        assert await put(stack, expiring, bodies[0]) in (400, 403)
-
-        fresh = await stack.data(REQUEST_URLS, {"groupId": group_id, "slices": slices})
-        [target] = fresh["requestMaskUploadUrls"]
-        tampered = dict(target, url=target["url"][:-4] + "0000")
-        assert await put(stack, tampered, bodies[0]) == 403
-        assert await put(stack, target, bodies[0][::-1]) == 400  # BadDigest
-        completion = await stack.error(
-            COMPLETE, {"groupId": group_id, "slices": [{"sliceIndex": 0}]}
-        )
-        assert completion["extensions"]["code"] == "UPLOAD_INCOMPLETE"
-
-        assert await put(stack, target, bodies[0]) == 200
-        done = await stack.data(COMPLETE, {"groupId": group_id, "slices": [{"sliceIndex": 0}]})
-        assert done["completeMaskUpload"]["maskGroup"]["status"] == "COMPLETE"
-        deleted = (await stack.data(DELETE_GROUP, {"id": group_id}))["deleteMaskGroup"]
-        assert deleted["deletedObjectCount"] == 1
+        await refuses_what_it_must(stack)
         assert not list((rclone_server.root / "pacs-masks").rglob("*.png"))

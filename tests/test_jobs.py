@@ -87,3 +87,36 @@ async def test_serve_runs_the_sweeper_periodically(own_sqlite_url: str, tmp_path
         assert run is not None
         assert run.last_finished_at is not None
         assert run.last_error is None
+
+
+async def test_wake_runs_a_job_now_rather_than_at_its_interval(
+    database_url: str, tmp_path: Path
+) -> None:
+    settings = base_settings(
+        database_url=database_url,
+        var_dir=tmp_path,
+        cleanup_enabled=True,
+        cleanup_interval_seconds=3600,
+    )
+    engine = create_engine(settings.resolved_database_url)
+    storage = await open_storage(settings)
+    runs = asyncio.Queue[int]()
+
+    async def count(context: JobContext) -> int:
+        runs.put_nowait(runs.qsize())
+        return runs.qsize()
+
+    name = f"woken-{tmp_path.name}"
+    job = Job(name, count, "cleanup_enabled", "cleanup_interval_seconds")
+    runner = JobRunner(JobContext(settings, create_sessionmaker(engine), storage, "test"), [job])
+    try:
+        runner.start()
+        # Twice: the second run is not due for an hour, and is run anyway.
+        for _ in range(2):
+            runner.wake(name)
+            await asyncio.wait_for(runs.get(), timeout=5)
+        assert runs.empty()
+    finally:
+        await runner.stop()
+        await storage.aclose()
+        await engine.dispose()

@@ -120,6 +120,9 @@ LAYERS = [
             "app.s3",
             "app.sigv4",
             "app.local_storage",
+            "app.bucket_setup",
+            # Counters only; the domain counts what it does where it happens.
+            "app.metrics",
         },
     ),
     (
@@ -133,6 +136,7 @@ LAYERS = [
             "app.validation",
             "app.group_validation",
             "app.validation_job",
+            "app.json_input",
             "app.tokens",
             "app.audit",
             "app.oidc",
@@ -142,9 +146,10 @@ LAYERS = [
             "app.sweeper",
             "app.readiness",
             "app.log_redaction",
+            "app.logging_setup",
+            "app.usage",
             # DICOM SEG: domain reads, storage and the PACS; transport calls it.
             "app.dicom",
-            "app.dicom.background",
             "app.dicom.source",
             "app.dicom.pacs",
             "app.dicom.seg",
@@ -161,6 +166,8 @@ LAYERS = [
             "app.auth",
             "app.cli",
             "app.cli_failures",
+            "app.access",
+            "app.metrics_http",
             "app.slow_clients",
             "app.static_routes",
             "app.dicom.routes",

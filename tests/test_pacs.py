@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,17 @@ from pacs_server import (
     store_series,
     synthetic_ct_series,
 )
+
+from app.dicom.export import (
+    EXPORT_JOB,
+    STALE_AFTER,
+    export_job,
+    pending_export_ids,
+    run_export,
+)
+from app.jobs import JobContext, JobRunner
+from app.main import JOBS
+from app.models import DicomExport, DicomExportStatus, utcnow
 
 LABELS: list[str | None] = ["liver", "tumor"]
 MASKS_OF_GROUP = """
@@ -330,22 +342,67 @@ async def test_without_a_pacs_the_features_answer_a_coded_error(sqlite_local_sta
     assert error["extensions"]["code"] == "PACS_NOT_CONFIGURED"
 
 
-async def test_a_pending_export_is_claimed_once(pstack: Stack, stored_series: CtSeries) -> None:
-    """Two workers asking for the same export: one runs it, the other is told it is not its."""
-    from app.dicom.export import run_export
-    from app.models import DicomExport, DicomExportStatus, utcnow
-
-    annotation_id = await create_annotation(pstack, stored_series)
-    group_id = await upload_group(pstack, annotation_id, 24, synthetic_masks(24, 64, ["liver"]))
-    async with pstack.sessionmaker() as session, session.begin():
-        export_row = DicomExport(
+async def _pending_export(stack: Stack, group_id: str) -> DicomExport:
+    """A request recorded as the mutation records it, without waking any runner."""
+    async with stack.sessionmaker() as session, session.begin():
+        row = DicomExport(
             mask_group_id=int(group_id),
             status=DicomExportStatus.PENDING,
             requested_by="test",
             requested_at=utcnow(),
             attempts=0,
         )
-        session.add(export_row)
+        session.add(row)
+    return row
+
+
+async def _settled(stack: Stack, export_id: int) -> DicomExport:
+    for _ in range(600):
+        async with stack.sessionmaker() as session:
+            row = await session.get_one(DicomExport, export_id)
+        if row.status in (DicomExportStatus.DONE, DicomExportStatus.FAILED):
+            return row
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"export {export_id} is still {row.status.value}")
+
+
+async def test_two_runners_export_a_request_once(
+    pstack: Stack, orthanc: OrthancServer, stored_series: CtSeries
+) -> None:
+    """Two replicas' runners woken at once, plus two export runs beside them (as when a job
+    lease has run out), plus the served app's own runner: one SEG, one attempt."""
+    annotation_id = await create_annotation(pstack, stored_series)
+    group_id = await upload_group(pstack, annotation_id, 24, synthetic_masks(24, 64, ["liver"]))
+    row = await _pending_export(pstack, group_id)
+
+    def context(owner: str) -> JobContext:
+        return JobContext(pstack.settings, pstack.sessionmaker, pstack.storage, owner)
+
+    runners = [JobRunner(context(f"replica-{name}"), JOBS) for name in "ab"]
+    for runner in runners:
+        runner.start()
+    try:
+        for runner in runners:
+            runner.wake(EXPORT_JOB)
+        reports = await asyncio.gather(export_job(context("run-c")), export_job(context("run-d")))
+        done = await wait_for_export(pstack, group_id)
+    finally:
+        for runner in runners:
+            await runner.stop()
+    assert done["status"] == "DONE", done
+    assert sum(len(report.done) for report in reports) <= 1
+    assert seg_series_in_study(orthanc, stored_series.study_instance_uid) == [
+        done["seriesInstanceUid"]
+    ]
+    exported = await _settled(pstack, row.id)
+    assert (exported.status, exported.attempts) == (DicomExportStatus.DONE, 1)
+
+
+async def test_a_pending_export_is_claimed_once(pstack: Stack, stored_series: CtSeries) -> None:
+    """Two workers asking for the same export: one runs it, the other is told it is not its."""
+    annotation_id = await create_annotation(pstack, stored_series)
+    group_id = await upload_group(pstack, annotation_id, 24, synthetic_masks(24, 64, ["liver"]))
+    export_row = await _pending_export(pstack, group_id)
     arguments = {
         "sessionmaker": pstack.sessionmaker,
         "storage": pstack.storage,
@@ -361,12 +418,8 @@ async def test_a_pending_export_is_claimed_once(pstack: Stack, stored_series: Ct
 async def test_a_stale_running_export_is_claimed_again(
     pstack: Stack, stored_series: CtSeries
 ) -> None:
-    """A worker that died leaves its export RUNNING; once the claim is stale another takes it."""
-    from datetime import timedelta
-
-    from app.dicom.export import STALE_AFTER, pending_export_ids, run_export
-    from app.models import DicomExport, DicomExportStatus, utcnow
-
+    """A runner that died leaves its export RUNNING; once the claim is stale the export job
+    takes it, and leaves a fresh claim alone."""
     annotation_id = await create_annotation(pstack, stored_series)
     group_id = await upload_group(pstack, annotation_id, 24, synthetic_masks(24, 64, ["liver"]))
     rows = {}
@@ -381,11 +434,14 @@ async def test_a_stale_running_export_is_claimed_again(
                 attempts=1,
             )
             session.add(rows[name])
-    arguments = {
-        "sessionmaker": pstack.sessionmaker,
-        "storage": pstack.storage,
-        "settings": pstack.settings,
-    }
     assert await pending_export_ids(pstack.sessionmaker) == [rows["stale"].id]
-    assert await run_export(rows["fresh"].id, **arguments) is None
-    assert await run_export(rows["stale"].id, **arguments) is DicomExportStatus.DONE
+    report = await export_job(
+        JobContext(pstack.settings, pstack.sessionmaker, pstack.storage, "test")
+    )
+    # The served app's runner may have taken it first; either way it was run once more.
+    assert report.failed == []
+    stale = await _settled(pstack, rows["stale"].id)
+    async with pstack.sessionmaker() as session:
+        fresh = await session.get_one(DicomExport, rows["fresh"].id)
+    assert (stale.status, stale.attempts) == (DicomExportStatus.DONE, 2)
+    assert (fresh.status, fresh.attempts) == (DicomExportStatus.RUNNING, 1)

@@ -615,8 +615,10 @@ async def test_rclone_stat_open_and_delete(rclone_storage: S3Storage) -> None:
 async def test_rclone_ensure_bucket_tolerates_missing_bucket_apis(
     rclone_storage: S3Storage, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="app.s3"):
+    with caplog.at_level(logging.WARNING, logger="app.bucket_setup"):
         await rclone_storage.ensure_bucket([VIEWER_ORIGIN])
-    messages = [record.getMessage() for record in caplog.records if record.name == "app.s3"]
+    messages = [
+        record.getMessage() for record in caplog.records if record.name == "app.bucket_setup"
+    ]
     assert any("CORS" in message for message in messages), messages
     assert any("lifecycle" in message for message in messages), messages

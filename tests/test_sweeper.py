@@ -1,4 +1,4 @@
-"""The storage sweeper and its job runner, on SQLite + local disk and PostgreSQL + moto's S3
+"""The storage sweeper and its job runner, on SQLite + local disk and PostgreSQL + SeaweedFS
 server: deleted prefixes swept again after their URLs expire, upload debris removed, never an
 object a registered mask points to, and no double work with two sweepers at once."""
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from conftest import Stack, content_md5, reset
 from flows import create_annotation, create_group, put, upload
 from operations import COMPLETE, DELETE_GROUP, REQUEST_URLS
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from app.jobs import Job, JobContext, JobRunner
@@ -26,6 +27,10 @@ BIN = Path(sys.executable).parent
 
 def _context(stack: Stack, owner: str = "test") -> JobContext:
     return JobContext(stack.settings, stack.sessionmaker, stack.storage, owner)
+
+
+def _metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(f"pacs_masks_{name}", labels) or 0.0
 
 
 def _after_grace(stack: Stack) -> datetime:
@@ -91,10 +96,14 @@ async def test_upload_debris_goes_and_registered_masks_stay(stack: Stack) -> Non
     assert (preview.debris_objects, preview.debris_bytes) == (2, debris_bytes)
     assert await _keys(stack) == set(keys)
 
+    sweeps, swept = _metric("sweeps_total"), _metric("swept_bytes_total", kind="debris")
     report = await sweep(_context(stack), now=later)
     assert (report.debris_objects, report.debris_bytes) == (2, debris_bytes)
     assert report.errors == []
     assert await _keys(stack) == set(keys[:2])
+    # Dry runs are not counted; this real sweep is.
+    assert _metric("sweeps_total") == sweeps + 1
+    assert _metric("swept_bytes_total", kind="debris") == swept + debris_bytes
     assert await _deletion_records(stack) == 0  # the fences are gone
     async with stack.sessionmaker() as session:
         declarations = await session.scalar(select(func.count()).select_from(MaskUpload))

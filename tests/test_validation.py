@@ -40,7 +40,8 @@ async def refused(stack: Stack, query: str, variables: dict[str, Any], code: str
         ({"studyInstanceUid": "1.02.3"}, "DICOM UID"),
         ({"studyInstanceUid": "1.2.3", "seriesInstanceUid": "1.2.x"}, "seriesInstanceUid"),
         ({"studyInstanceUid": "1.2.3", "label": "x" * 300}, "label"),
-        ({"studyInstanceUid": "1.2.3", "label": "bad\x00label"}, "control"),
+        # NUL itself is refused before execution (tests/test_clean_errors.py).
+        ({"studyInstanceUid": "1.2.3", "label": "bad\x01label"}, "control"),
     ],
 )
 async def test_create_annotation_refuses(
@@ -139,7 +140,11 @@ async def test_request_urls_refuses_empty_and_oversized_batches(stack: Stack) ->
     group_id = await create_group(stack, annotation_id, 6000)
     await refused(stack, REQUEST_URLS, {"groupId": group_id, "slices": []}, "BAD_USER_INPUT")
     too_many = [_slice(index) for index in range(stack.settings.max_slices_per_call + 1)]
-    await refused(stack, REQUEST_URLS, {"groupId": group_id, "slices": too_many}, "BAD_USER_INPUT")
+    # Refused before coercion (HTTP 400); tests/test_input_limits.py checks the details.
+    body = {"query": REQUEST_URLS, "variables": {"groupId": group_id, "slices": too_many}}
+    response = await stack.client.post("/graphql", json=body)
+    assert response.status_code == 400
+    assert response.json()["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
 
 
 async def test_request_urls_unknown_group(stack: Stack) -> None:

@@ -1,12 +1,15 @@
-"""DICOM SEG export: requesting it (in the mutation's transaction) and running it (a worker).
+"""DICOM SEG export: requesting it (in the mutation's transaction) and running it (the
+`dicom-export` job of `app.jobs`).
 
-`request_export` records a PENDING `dicom_export` row. `run_export(job_id)` claims it with
-`FOR UPDATE SKIP LOCKED` (PostgreSQL; SQLite serialises writers with BEGIN IMMEDIATE) in a
-short transaction, then works with no transaction open (reading masks from storage, the
+`request_export` records a PENDING `dicom_export` row; nothing else happens in the request.
+`export_job`, run by every replica's job runner every DICOM_EXPORT_INTERVAL_SECONDS (and at
+once when the mutation wakes it), takes the pending rows, and `run_export(job_id)` claims each
+with `FOR UPDATE SKIP LOCKED` (PostgreSQL; SQLite serialises writers with BEGIN IMMEDIATE)
+in a short transaction, then works with no transaction open (reading masks from storage, the
 source series from the PACS, building and storing the SEG), and records DONE with the SEG's
 UIDs or FAILED with the reason in words. Nothing is written to the PACS unless the SEG was
 built whole, and a FAILED export leaves no row but its own; asking again makes a new row.
-Any number of replicas may run workers: a row is claimed by one of them only.
+Any number of runners may run at once: a row is claimed by one of them only.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from app.dicom.pacs import Pacs
 from app.dicom.seg import GroupInfo, MaskRef, SegSummary, build_seg, summary
 from app.dicom.source import SourceSeries, read_source_dir
 from app.errors import AppError, BadUserInput, Conflict, NotFound
+from app.jobs import JobContext
 from app.models import (
     Annotation,
     DicomExport,
@@ -48,6 +52,10 @@ logger = logging.getLogger(__name__)
 # A RUNNING export claimed longer ago than this belonged to a worker that died.
 STALE_AFTER = timedelta(minutes=30)
 ERROR_MAX = 2000
+# The job's name in `app.main.JOBS`, which the mutation wakes.
+EXPORT_JOB = "dicom-export"
+# Exports one job run looks up at a time.
+EXPORT_BATCH = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,3 +304,39 @@ async def pending_export_ids(
             )
         ).all()
     return [row.id for row in rows]
+
+
+@dataclass
+class ExportReport:
+    done: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    # Pending when listed, claimed by another runner before this one could.
+    taken_by_another: int = 0
+
+    def __bool__(self) -> bool:
+        # An idle poll has nothing to report (`JobRunner` logs it at debug level only).
+        return bool(self.done or self.failed or self.taken_by_another)
+
+
+async def export_job(context: JobContext) -> ExportReport:
+    """The `dicom-export` job (`app.main.JOBS`): runs the pending exports and those whose
+    claim went stale, one after the other, until none is left that this runner can claim."""
+    report = ExportReport()
+    while True:
+        job_ids = await pending_export_ids(context.sessionmaker, limit=EXPORT_BATCH)
+        ours = 0
+        for job_id in job_ids:
+            status = await run_export(
+                job_id,
+                sessionmaker=context.sessionmaker,
+                storage=context.storage,
+                settings=context.settings,
+            )
+            if status is None:
+                report.taken_by_another += 1
+                continue
+            ours += 1
+            (report.done if status is DicomExportStatus.DONE else report.failed).append(job_id)
+        # A short batch was all there was; a full one of others' claims would repeat itself.
+        if len(job_ids) < EXPORT_BATCH or ours == 0:
+            return report

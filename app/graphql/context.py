@@ -7,9 +7,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.audit import Actor
 from app.config import Settings
-from app.dicom.background import TaskSet
 from app.events import EventBus
 from app.graphql.loaders import Loaders
+from app.jobs import JobRunner
 from app.principals import Principal
 from app.storage import Storage
 from app.view_urls import ViewUrlSigner
@@ -21,7 +21,7 @@ class Context:
     sessionmaker: async_sessionmaker[AsyncSession]
     storage: Storage
     actor: Actor
-    background: TaskSet
+    jobs: JobRunner
     events: EventBus
     view_urls: ViewUrlSigner
     loaders: Loaders = field(init=False)

@@ -1,11 +1,12 @@
-"""The PACS mutations: SEG export (in the background) and SEG import."""
+"""The PACS mutations: SEG export (recorded here, run by the `dicom-export` job) and SEG
+import (run inside the request)."""
 
 from __future__ import annotations
 
 import strawberry
 
 from app.db import transaction
-from app.dicom.export import request_export, run_export
+from app.dicom.export import EXPORT_JOB, request_export
 from app.dicom.imports import import_seg
 from app.graphql.context import Info
 from app.graphql.types import DicomExport, MaskGroup
@@ -26,14 +27,8 @@ class DicomMutation:
                 session, context.settings, context.actor, group_id=parse_id("id", id), now=utcnow()
             )
         if export.status is DicomExportStatus.PENDING:
-            context.background.start(
-                run_export(
-                    export.id,
-                    sessionmaker=context.sessionmaker,
-                    storage=context.storage,
-                    settings=context.settings,
-                )
-            )
+            # After the commit, so the run finds the row.
+            context.jobs.wake(EXPORT_JOB)
         return DicomExport.from_row(export)
 
     @strawberry.mutation(

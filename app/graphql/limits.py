@@ -3,6 +3,8 @@ an abusive query costs a parse and nothing more: no token lookup, no database.""
 
 from __future__ import annotations
 
+from typing import cast
+
 from graphql import (
     DocumentNode,
     FieldNode,
@@ -16,6 +18,9 @@ from graphql import (
 from graphql.error import GraphQLSyntaxError
 
 from app.errors import BadUserInput
+
+# Far more than any real document nests fragments; far fewer frames than the stack has.
+MAX_FRAGMENT_CHAIN = 100
 
 
 class QueryTooComplex(BadUserInput):
@@ -37,56 +42,69 @@ def check_document(
         for definition in document.definitions
         if isinstance(definition, FragmentDefinitionNode)
     }
-    aliases = 0
-    for definition in document.definitions:
-        if isinstance(definition, OperationDefinitionNode | FragmentDefinitionNode):
-            aliases += _aliases(definition.selection_set)
-            if aliases > max_aliases:
-                raise QueryTooComplex(f"query has more than {max_aliases} aliases")
+    walk = _Walk(fragments, max_aliases)
     for definition in document.definitions:
         if isinstance(definition, OperationDefinitionNode):
-            depth = _depth(definition.selection_set, fragments, frozenset(), max_depth)
+            depth, aliases, _ = walk.measure(definition.selection_set)
+            if aliases > max_aliases:
+                raise QueryTooComplex(f"query has more than {max_aliases} aliases")
             if depth > max_depth:
                 raise QueryTooComplex(f"query is deeper than {max_depth} levels")
     return document
 
 
-def _aliases(selection_set: SelectionSetNode | None) -> int:
-    if selection_set is None:
-        return 0
-    count = 0
-    for selection in selection_set.selections:
-        if isinstance(selection, FieldNode):
-            count += 1 if selection.alias else 0
-            count += _aliases(selection.selection_set)
-        elif isinstance(selection, InlineFragmentNode):
-            count += _aliases(selection.selection_set)
-    return count
+class _Walk:
+    """Depth and aliases of a selection with fragments expanded at every spread. A fragment
+    is measured once per document (its depth and aliases do not depend on where it is
+    spread), so spreads that double at every level cost a linear walk; alias counts stop
+    growing past the limit. Chains of spreads (F0 spreads F1 spreads F2 ...) are bounded, so
+    that no walk over the document, this one or the cost analysis, exhausts the stack."""
+
+    def __init__(self, fragments: dict[str, FragmentDefinitionNode], max_aliases: int) -> None:
+        self.fragments = fragments
+        self.cap = max_aliases + 1
+        # Per fragment: depth, aliases and the longest chain of spreads it starts.
+        self.measured: dict[str, tuple[int, int, int]] = {}
+        self.nesting = 0
+
+    def measure(self, selection_set: SelectionSetNode | None) -> tuple[int, int, int]:
+        if selection_set is None:
+            return 0, 0, 0
+        deepest = aliases = chain = 0
+        for selection in selection_set.selections:
+            if isinstance(selection, FieldNode):
+                depth, below, spreads = self.measure(selection.selection_set)
+                deepest = max(deepest, 1 + depth)
+                aliases += below + (1 if selection.alias else 0)
+            else:
+                if isinstance(selection, FragmentSpreadNode):
+                    depth, below, spreads = self.fragment(selection.name.value)
+                else:
+                    selections = cast(InlineFragmentNode, selection).selection_set
+                    depth, below, spreads = self.measure(selections)
+                deepest = max(deepest, depth)
+                aliases += below
+            aliases = min(aliases, self.cap)
+            chain = max(chain, spreads)
+        return deepest, aliases, chain
+
+    def fragment(self, name: str) -> tuple[int, int, int]:
+        if name not in self.measured:
+            # A missing fragment or a cycle is a validation error; it counts as empty meanwhile.
+            self.measured[name] = (0, 0, 0)
+            fragment = self.fragments.get(name)
+            if fragment is not None:
+                self.nesting += 1
+                if self.nesting > MAX_FRAGMENT_CHAIN:
+                    raise _chain_too_long()
+                depth, aliases, chain = self.measure(fragment.selection_set)
+                self.nesting -= 1
+                self.measured[name] = (depth, aliases, chain + 1)
+        depth, aliases, chain = self.measured[name]
+        if self.nesting + chain > MAX_FRAGMENT_CHAIN:
+            raise _chain_too_long()
+        return depth, aliases, chain
 
 
-def _depth(
-    selection_set: SelectionSetNode | None,
-    fragments: dict[str, FragmentDefinitionNode],
-    visiting: frozenset[str],
-    limit: int,
-) -> int:
-    if selection_set is None:
-        return 0
-    deepest = 0
-    for selection in selection_set.selections:
-        if isinstance(selection, FieldNode):
-            below = _depth(selection.selection_set, fragments, visiting, limit - 1)
-            deepest = max(deepest, 1 + below if selection.selection_set else 1)
-        elif isinstance(selection, InlineFragmentNode):
-            deepest = max(deepest, _depth(selection.selection_set, fragments, visiting, limit))
-        elif isinstance(selection, FragmentSpreadNode):
-            name = selection.name.value
-            fragment = fragments.get(name)
-            # A cycle is a validation error; counting it once is enough here.
-            if fragment is not None and name not in visiting:
-                deepest = max(
-                    deepest, _depth(fragment.selection_set, fragments, visiting | {name}, limit)
-                )
-        if deepest > limit:
-            break  # no need to walk the rest of a document that is already too deep
-    return deepest
+def _chain_too_long() -> QueryTooComplex:
+    return QueryTooComplex(f"query spreads fragments more than {MAX_FRAGMENT_CHAIN} levels deep")

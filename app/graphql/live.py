@@ -4,7 +4,8 @@ The socket is authenticated once, by the `connection_init` payload's
 `{"Authorization": "Bearer ..."}` (browsers cannot set headers on a WebSocket) or else the
 upgrade request's Authorization header; a refused connection_init closes with 4403, a
 subscribe before it with 4401 (the protocol's codes). Only subscriptions run over the socket,
-after the same structural limits as /graphql; queries and mutations use HTTP."""
+after the same admission checks as /graphql (structure, list lengths, text, cost); queries
+and mutations use HTTP."""
 
 from __future__ import annotations
 
@@ -36,8 +37,10 @@ from app.auth import authenticate, bearer_token
 from app.config import Settings
 from app.errors import AppError, BadUserInput, Conflict, NotFound
 from app.graphql.context import Context, Info
+from app.graphql.cost import QueryCost
 from app.graphql.limits import check_document
 from app.graphql.types import MaskGroupStatus
+from app.graphql.variables import check_list_lengths, check_text
 from app.models import utcnow
 from app.oidc import OidcVerifier
 from app.principals import ANONYMOUS_ADMIN, Principal, Role, require
@@ -138,6 +141,7 @@ class LiveContext(Context):
 
     websocket: WebSocket = field(kw_only=True)
     oidc: OidcVerifier | None = field(kw_only=True)
+    query_cost: QueryCost = field(kw_only=True)
     connection_params: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -203,6 +207,19 @@ class _TransportWSHandler(BaseGraphQLTransportWSHandler[LiveContext, None]):
             )
             if operation is not None and operation.operation is not OperationType.SUBSCRIPTION:
                 return BadUserInput("only subscriptions run over the WebSocket; use POST /graphql")
+            if operation is not None:
+                # The same admission as POST /graphql (app/graphql/view.py), before execution.
+                variables = payload.get("variables")
+                if variables is not None and not isinstance(variables, dict):
+                    return BadUserInput("variables must be an object")
+                try:
+                    check_list_lengths(operation, variables, max_items=settings.max_slices_per_call)
+                    check_text(query, document, variables)
+                    self.context.query_cost.check(
+                        document, operation, variables, limit=settings.max_query_cost
+                    )
+                except AppError as error:
+                    return error
         return None
 
 
@@ -211,7 +228,8 @@ class LiveGraphQL(GraphQL[LiveContext, None]):
 
     graphql_transport_ws_handler_class = _TransportWSHandler
 
-    def __init__(self, schema: Any, settings: Settings) -> None:
+    def __init__(self, schema: Any, settings: Settings, query_cost: QueryCost) -> None:
+        self.query_cost = query_cost
         super().__init__(
             schema,
             graphql_ide=None,
@@ -230,7 +248,7 @@ class LiveGraphQL(GraphQL[LiveContext, None]):
             settings=services.settings,
             sessionmaker=services.sessionmaker,
             storage=services.storage,
-            background=services.background,
+            jobs=services.jobs,
             actor=Actor(
                 principal=NOT_YET_AUTHENTICATED,
                 request_id=uuid.uuid4().hex,
@@ -241,6 +259,7 @@ class LiveGraphQL(GraphQL[LiveContext, None]):
             view_urls=services.view_urls,
             websocket=websocket,
             oidc=services.oidc,
+            query_cost=self.query_cost,
         )
 
     async def on_ws_connect(self, context: LiveContext) -> UnsetType:

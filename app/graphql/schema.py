@@ -35,7 +35,9 @@ from app.graphql.types import (
     fields_of,
     to_domain_list,
 )
+from app.graphql.usage import StorageUsage, storage_usage
 from app.group_validation import validate_group
+from app.metrics import STORAGE_ERRORS
 from app.models import utcnow
 from app.upload_urls import SliceUpload, request_upload_urls
 from app.validation import parse_id
@@ -83,6 +85,12 @@ class Query:
     def me(self, info: Info) -> Principal:
         principal = info.context.principal
         return Principal(user=principal.user, role=principal.role)
+
+    storage_usage: list[StorageUsage] = strawberry.field(
+        resolver=storage_usage,
+        description="stored masks and bytes by model, annotation, modality or day, from the "
+        "database; ADMIN only",
+    )
 
     @strawberry.field(description="append-only audit trail, newest first; ADMIN only")
     async def audit_events(
@@ -205,6 +213,8 @@ class Mutation(DicomMutation):
             if deleted is not None:
                 await context.events.publish(session, MaskGroupEvent.of(EventKind.DELETED, deleted))
         outcome = await purge(context.storage, deletion)
+        if outcome.failed:
+            STORAGE_ERRORS.labels("deleteMaskGroup").inc()
         async with transaction(context.sessionmaker) as session:
             pending = await settle_purge(session, deletion, outcome, now=utcnow())
         return DeleteMaskGroupPayload(

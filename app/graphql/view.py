@@ -10,22 +10,33 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from graphql import DocumentNode, GraphQLError, OperationType, get_operation_ast
+from graphql import (
+    DocumentNode,
+    GraphQLError,
+    OperationDefinitionNode,
+    OperationType,
+    get_operation_ast,
+)
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from app.audit import Actor
 from app.auth import CHALLENGE, AuthenticationUnavailable, authenticate_request
-from app.errors import AppError, StorageUnavailable, Unauthenticated
+from app.errors import AppError, BadUserInput, StorageUnavailable, Unauthenticated
 from app.graphql.context import Context
+from app.graphql.cost import QueryCost
 from app.graphql.limits import check_document
 from app.graphql.schema import Schema
+from app.graphql.variables import check_list_lengths, check_text
+from app.metrics import count_unexpected, operation_label
 from app.state import request_id_of, services_of
 from app.static_routes import graphiql_page
 from app.storage import StorageError
 
 logger = logging.getLogger("app.graphql")
 
+# The "field" of errors that refuse the request as a whole, in metrics.
+REQUEST_FIELD = "(request)"
 JSON_MEDIA = "application/json"
 GRAPHQL_RESPONSE_MEDIA = "application/graphql-response+json"
 
@@ -67,10 +78,7 @@ async def _read_params(request: Request, max_bytes: int) -> dict[str, Any]:
         params: dict[str, Any] = dict(request.query_params)
         for name in ("variables", "extensions"):
             if params.get(name):
-                try:
-                    params[name] = json.loads(params[name])
-                except ValueError as error:
-                    raise RequestError(400, f"{name} is not valid JSON") from error
+                params[name] = _json(params[name], name)
         return params
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != JSON_MEDIA:
@@ -80,13 +88,19 @@ async def _read_params(request: Request, max_bytes: int) -> dict[str, Any]:
         body.extend(chunk)
         if len(body) > max_bytes:
             raise RequestError(413, f"request body exceeds {max_bytes} bytes")
-    try:
-        params = json.loads(body)
-    except ValueError as error:
-        raise RequestError(400, "request body is not valid JSON") from error
+    params = _json(body, "request body")
     if not isinstance(params, dict):
         raise RequestError(400, "request body must be a JSON object")
     return params
+
+
+def _json(text: str | bytes | bytearray, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise RequestError(400, f"{what} is not valid JSON") from error
+    except RecursionError as error:  # json nests by recursion: thousands of [[[[ exhaust it
+        raise RequestError(400, f"{what} is nested too deeply") from error
 
 
 def format_error(error: GraphQLError, request_id: str) -> dict[str, Any]:
@@ -108,6 +122,7 @@ def format_error(error: GraphQLError, request_id: str) -> dict[str, Any]:
         formatted["extensions"] = {"code": "BAD_USER_INPUT"}
     else:
         # Internals (SQL, stack, paths) stay in our log; the client gets the id to quote.
+        count_unexpected(original, str(error.path[0]))
         logger.error(
             "unexpected error in %s (request %s)",
             ".".join(str(part) for part in error.path or []) or "operation",
@@ -122,14 +137,14 @@ def format_error(error: GraphQLError, request_id: str) -> dict[str, Any]:
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def graphql_endpoint(schema: Schema) -> Endpoint:
+def graphql_endpoint(schema: Schema, query_cost: QueryCost) -> Endpoint:
     async def endpoint(request: Request) -> Response:
-        return await _serve_graphql(schema, request)
+        return await _serve_graphql(schema, query_cost, request)
 
     return endpoint
 
 
-async def _serve_graphql(schema: Schema, request: Request) -> Response:
+async def _serve_graphql(schema: Schema, query_cost: QueryCost, request: Request) -> Response:
     services = services_of(request)
     request_id = request_id_of(request)
     settings = services.settings
@@ -141,6 +156,8 @@ async def _serve_graphql(schema: Schema, request: Request) -> Response:
         if not settings.graphiql:
             return PlainTextResponse("GraphiQL is switched off", status_code=404)
         return graphiql_page(settings)
+    # Until the document is parsed, a refused request counts as an invalid operation.
+    request.state.operation = operation_label(None, None)
     media = _accepted_media(request)
     if media is None:
         return JSONResponse(
@@ -169,10 +186,17 @@ async def _serve_graphql(schema: Schema, request: Request) -> Response:
             max_depth=settings.max_query_depth,
             max_aliases=settings.max_query_aliases,
         )
-        if request.method == "GET" and document is not None:
-            _refuse_mutation_over_get(document, operation_name)
+        if document is not None:
+            operation = _operation(document, operation_name)
+            if request.method == "GET" and operation.operation is not OperationType.QUERY:
+                raise RequestError(405, "only queries may be sent with GET", {"Allow": "POST"})
+            check_list_lengths(operation, variables, max_items=settings.max_slices_per_call)
+            check_text(query, document, variables)
+            query_cost.check(document, operation, variables, limit=settings.max_query_cost)
+        request.state.operation = operation_label(document, operation_name)
         principal = await authenticate_request(request)
     except RequestError as error:
+        request.state.graphql_errors = [(REQUEST_FIELD, "BAD_USER_INPUT")]
         return _respond(
             {"errors": [{"message": error.message, "extensions": {"code": "BAD_USER_INPUT"}}]},
             error.status,
@@ -180,6 +204,7 @@ async def _serve_graphql(schema: Schema, request: Request) -> Response:
             error.headers,
         )
     except AppError as error:
+        request.state.graphql_errors = [(REQUEST_FIELD, error.code)]
         status = 400
         if isinstance(error, Unauthenticated):
             status = 401
@@ -198,7 +223,7 @@ async def _serve_graphql(schema: Schema, request: Request) -> Response:
         settings=settings,
         sessionmaker=services.sessionmaker,
         storage=services.storage,
-        background=services.background,
+        jobs=services.jobs,
         actor=Actor(
             principal=principal,
             request_id=request_id,
@@ -219,14 +244,23 @@ async def _serve_graphql(schema: Schema, request: Request) -> Response:
     )
     if not is_request_error:
         payload["data"] = result.data
+    else:
+        request.state.operation = operation_label(None, None)
+    request.state.graphql_errors = [
+        (str((error.get("path") or [REQUEST_FIELD])[0]), error["extensions"]["code"])
+        for error in payload.get("errors", ())
+    ]
     status = 400 if is_request_error and media == GRAPHQL_RESPONSE_MEDIA else 200
     return _respond(payload, status, media)
 
 
-def _refuse_mutation_over_get(document: DocumentNode, operation_name: str | None) -> None:
+def _operation(document: DocumentNode, operation_name: str | None) -> OperationDefinitionNode:
     operation = get_operation_ast(document, operation_name)
-    if operation is not None and operation.operation is not OperationType.QUERY:
-        raise RequestError(405, "only queries may be sent with GET", {"Allow": "POST"})
+    if operation is not None:
+        return operation
+    if operation_name is not None:
+        raise BadUserInput(f"the document has no operation named {operation_name[:100]!r}")
+    raise BadUserInput("the document has several operations: operationName must name one")
 
 
 def _respond(

@@ -2,7 +2,7 @@
 
 Revision ID: d5e7a9c1b3f2
 Revises: c7a1f3e9d2b8
-Create Date: 2026-11-25 05:40:00
+Create Date: 2026-11-25 05:50:00
 """
 
 from collections.abc import Sequence

@@ -1,8 +1,8 @@
 """per-slice model confidence on masks
 
 Revision ID: b4d2e6f81a35
-Revises: 3f9c2d7e8a41
-Create Date: 2026-11-25 05:20:00
+Revises: b5d2e8f4a915
+Create Date: 2026-11-25 05:30:00
 """
 
 from collections.abc import Sequence
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "b4d2e6f81a35"
-down_revision: str | None = "3f9c2d7e8a41"
+down_revision: str | None = "b5d2e8f4a915"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

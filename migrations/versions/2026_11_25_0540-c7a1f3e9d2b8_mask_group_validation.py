@@ -2,7 +2,7 @@
 
 Revision ID: c7a1f3e9d2b8
 Revises: b4d2e6f81a35
-Create Date: 2026-11-25 05:30:00
+Create Date: 2026-11-25 05:40:00
 """
 
 from collections.abc import Sequence
