@@ -26,6 +26,7 @@ from app.cli_failures import (
     explain,
     open_engine,
 )
+from app.client.cli import add_client_commands
 from app.config import Settings
 from app.db import create_sessionmaker, transaction, upgrade_database
 from app.dicom import cli as dicom_cli
@@ -337,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     dicom_cli.add_commands(commands)
     for name in ("export-seg", "import-seg"):
         commands.choices[name].set_defaults(handler=_dicom)
+    add_client_commands(commands)
     return parser
 
 

@@ -37,6 +37,7 @@ class CompletedSlice:
     sop_instance_uid: str | None
     width: int | None
     height: int | None
+    confidence: float | None = None
 
 
 def _check_slices(group: MaskGroup, slices: Sequence[CompletedSlice]) -> None:
@@ -49,6 +50,8 @@ def _check_slices(group: MaskGroup, slices: Sequence[CompletedSlice]) -> None:
         for field, value in (("width", item.width), ("height", item.height)):
             if value is not None and not 1 <= value <= MAX_DIMENSION:
                 problems.add(item.slice_index, field, f"{field} must be in 1..{MAX_DIMENSION}")
+        if item.confidence is not None and not 0.0 <= item.confidence <= 1.0:
+            problems.add(item.slice_index, "confidence", "confidence must be between 0 and 1")
     problems.raise_if_any()
 
 
@@ -214,6 +217,7 @@ async def _register(
                     "checksum": f"md5:{found.md5_hex}",
                     "width": item.width,
                     "height": item.height,
+                    "confidence": item.confidence,
                     "created_at": now,
                 }
             )

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # Unregistered objects younger than this are uploads in progress, not debris.
     # None: 2 x SIGNED_URL_MAX_TTL.
     cleanup_grace_seconds: int | None = Field(None, ge=1)
+    # Validation of groups that became COMPLETE (app/validation_job.py).
+    validation_enabled: bool = True
+    validation_interval_seconds: float = Field(30.0, gt=0)
 
     # Seconds a deleted group is kept (invisible, restorable by restoreMaskGroup) before the
     # sweeper purges its rows and objects; 0 deletes at once.

@@ -37,6 +37,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from app.config import Settings
 from app.db import Base, transaction
+from app.events import EventBus
 from app.models import JobRun, utcnow
 from app.storage import Storage
 
@@ -56,6 +57,8 @@ class JobContext:
     sessionmaker: async_sessionmaker[AsyncSession]
     storage: Storage
     owner: str
+    # For jobs that publish live events (validation); the `cleanup` command runs without.
+    events: EventBus | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ from app.state import LifespanState, Services
 from app.static_routes import static_routes
 from app.storage import Storage
 from app.sweeper import sweep_job
+from app.validation_job import validation_job
 from app.view_urls import ViewUrlSigner
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -46,6 +47,7 @@ REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Background jobs every `serve` runs (see app.jobs): name, function, on/off and interval setting.
 JOBS = [
     Job("storage-cleanup", sweep_job, "cleanup_enabled", "cleanup_interval_seconds"),
+    Job("validation", validation_job, "validation_enabled", "validation_interval_seconds"),
     # A short lease: a replica that dies mid-export must not hold the others off for long,
     # and two runs at once are harmless (each export row is claimed by one run only).
     Job(
@@ -134,7 +136,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             storage = await open_storage(settings)
             await events.start()
             sessionmaker = create_sessionmaker(engine)
-            runner = JobRunner(JobContext(settings, sessionmaker, storage, owner_name()), JOBS)
+            context = JobContext(settings, sessionmaker, storage, owner_name(), events)
+            runner = JobRunner(context, JOBS)
             runner.start()
             try:
                 yield {

@@ -157,6 +157,8 @@ class Mask(Base):
     checksum: Mapped[str] = mapped_column(String(36))
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
+    # The model's confidence in this slice, 0..1 (optional model metadata).
+    confidence: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     mask_group: Mapped[MaskGroup] = relationship(back_populates="masks", lazy="raise")
@@ -254,6 +256,49 @@ class JobRun(Base):
     locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     locked_by: Mapped[str | None] = mapped_column(Text)
     last_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class ValidationStatus(enum.Enum):
+    VALID = "VALID"
+    INVALID = "INVALID"
+
+
+class MaskGroupValidation(Base):
+    """One run of the validation of a group; the newest row is the group's report."""
+
+    __tablename__ = "mask_group_validation"
+    __table_args__ = NO_ID_REUSE
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mask_group_id: Mapped[int] = mapped_column(
+        ForeignKey("annotation_mask_group.id", ondelete="CASCADE"), index=True
+    )
+    status: Mapped[ValidationStatus] = mapped_column(
+        Enum(ValidationStatus, native_enum=False, length=16, validate_strings=True)
+    )
+    checked_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    problem_count: Mapped[int] = mapped_column(Integer, default=0)
+    # At most the first 1000 problems, as {sliceIndex, code, message}.
+    problems: Mapped[Any] = mapped_column(JSON)
+    checked_by: Mapped[str | None] = mapped_column(Text)
+    # How many masks the run saw: masks are only ever added, so a report is current while the
+    # group still has this many (the validation job's test).
+    mask_count: Mapped[int | None] = mapped_column(Integer)
+
+
+class ValidationRequest(Base):
+    """A group waiting for the validation job: one row per group, claimed with `claim_due`;
+    the transaction that stores a report of the group deletes it."""
+
+    __tablename__ = "mask_group_validation_request"
+
+    mask_group_id: Mapped[int] = mapped_column(
+        ForeignKey("annotation_mask_group.id", ondelete="CASCADE"), primary_key=True
+    )
+    # When the next attempt is due (now, or after a backoff, or past a claim's lease).
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
 
 

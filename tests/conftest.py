@@ -176,12 +176,16 @@ def _free_socket() -> socket.socket:
 
 
 @contextlib.asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[tuple[Services, str]]:
-    """Runs the app under uvicorn on a free loopback port; yields its services and base URL."""
+async def serve(
+    settings: Settings, *, public_base_url: str | None = None
+) -> AsyncIterator[tuple[Services, str]]:
+    """Runs the app under uvicorn on a free loopback port; yields its services and base URL.
+    `public_base_url` puts something in front of it (a proxy) in the URLs it signs."""
     sock = _free_socket()
     port = sock.getsockname()[1]
+    own_url = f"http://127.0.0.1:{port}"
     settings = settings.model_copy(
-        update={"host": "127.0.0.1", "port": port, "public_base_url": f"http://127.0.0.1:{port}"}
+        update={"host": "127.0.0.1", "port": port, "public_base_url": public_base_url or own_url}
     )
     app = create_app(settings)
     # The server keeps idle connections longer than httpx's pool does (5 s): otherwise a
@@ -205,7 +209,7 @@ async def serve(settings: Settings) -> AsyncIterator[tuple[Services, str]]:
     services = server.lifespan.state["services"]
     assert isinstance(services, Services)
     try:
-        yield services, settings.resolved_public_base_url
+        yield services, own_url
     finally:
         server.should_exit = True
         await task
@@ -219,6 +223,8 @@ def base_settings(**overrides: Any) -> Settings:
         "allowed_content_types": ["image/png"],
         # Tests run the sweeper themselves, at the moments they choose.
         "cleanup_enabled": False,
+        # ... and validate groups themselves too.
+        "validation_enabled": False,
         # Only the PACS tests have exports to run (their stack switches the job on).
         "dicom_export_enabled": False,
     }
@@ -228,9 +234,9 @@ def base_settings(**overrides: Any) -> Settings:
 
 @contextlib.asynccontextmanager
 async def open_stack(
-    name: str, settings: Settings, *, ensure_bucket: bool = True
+    name: str, settings: Settings, *, ensure_bucket: bool = True, public_base_url: str | None = None
 ) -> AsyncIterator[Stack]:
-    async with serve(settings) as (services, base_url):
+    async with serve(settings, public_base_url=public_base_url) as (services, base_url):
         settings = services.settings
         engine = create_engine(settings.resolved_database_url)
         storage = services.storage

@@ -44,6 +44,7 @@ def test_security_page_names_every_audit_action() -> None:
         "upload.complete",
         "mask_group.delete",
         "mask_group.restore",
+        "mask_group.validate",
         "token.create",
         "token.revoke",
     ):

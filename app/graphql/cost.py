@@ -42,6 +42,7 @@ from graphql.type.introspection import SchemaMetaFieldDef, TypeMetaFieldDef
 from app.annotations import ANNOTATIONS_PAGE_MAX
 from app.audit import AUDIT_PAGE_MAX
 from app.errors import BadUserInput
+from app.group_validation import MAX_STORED_PROBLEMS
 
 # Assumed sizes of the lists that have no `limit` (they are estimates, not caps: a larger
 # annotation still executes; it is simply counted at this size).
@@ -70,6 +71,8 @@ def list_bounds(max_slices_per_call: int) -> dict[tuple[str, str], int]:
         ("MaskUploadTarget", "headers"): SIGNED_HEADERS,
         ("SignedUrl", "headers"): SIGNED_HEADERS,
         ("Query", "storageUsage"): USAGE_ROWS,
+        # Reports keep at most this many problems.
+        ("ValidationReport", "problems"): MAX_STORED_PROBLEMS,
     }
 
 

@@ -12,6 +12,7 @@ from sqlalchemy import ColumnElement, Row, Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from strawberry.dataloader import DataLoader
 
+from app.group_validation import ValidationReport, latest_reports
 from app.models import Annotation, DicomExport, Mask, MaskGroup, in_live_group
 
 annotation_table = Annotation.__table__
@@ -55,6 +56,7 @@ class Loaders:
             self._masks_of_groups
         )
         self.slice_indexes_of_group = DataLoader(self._slice_indexes_of_groups)
+        self.validation_of_group = DataLoader(self._validations_of_groups)
         self.dicom_export = DataLoader(self._latest_dicom_exports)
 
     async def _rows(self, statement: Select[Any]) -> Sequence[Row[Any]]:
@@ -98,6 +100,11 @@ class Loaders:
             for group_id, group_rows in zip(group_ids, grouped, strict=True):
                 results[(group_id, mask_filter)] = group_rows
         return [results[key] for key in keys]
+
+    async def _validations_of_groups(self, ids: list[int]) -> list[ValidationReport | None]:
+        async with self._sessionmaker() as session:
+            reports = await latest_reports(session, ids)
+        return [reports.get(group_id) for group_id in ids]
 
     async def _slice_indexes_of_groups(self, ids: list[int]) -> list[set[int]]:
         rows = await self._rows(

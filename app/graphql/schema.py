@@ -16,6 +16,7 @@ from app.events import EventKind, MaskGroupEvent, group_state
 from app.graphql.context import Info
 from app.graphql.dicom import DicomMutation
 from app.graphql.execution import FastListExecutionContext
+from app.graphql.group_validation import ValidationReport
 from app.graphql.live import Subscription
 from app.graphql.types import (
     SCALARS,
@@ -35,6 +36,7 @@ from app.graphql.types import (
     to_domain_list,
 )
 from app.graphql.usage import StorageUsage, storage_usage
+from app.group_validation import validate_group
 from app.metrics import STORAGE_ERRORS
 from app.models import utcnow
 from app.restoration import restore_mask_group
@@ -181,6 +183,23 @@ class Mutation(DicomMutation):
             mask_group=MaskGroup.from_row(group),
             masks=[Mask.with_view_urls(mask, context.view_urls) for mask in registered],
         )
+
+    @strawberry.mutation(
+        description="Check completeness and integrity of a group now (every slice present; "
+        "each object in storage with its recorded size and MD5; each PNG readable, with the "
+        "recorded and common dimensions and a mask pixel mode), store and return the report. "
+        "The group's owner or an ADMIN."
+    )
+    async def validate_mask_group(self, info: Info, id: strawberry.ID) -> ValidationReport:
+        context = info.context
+        report = await validate_group(
+            context.sessionmaker,
+            context.storage,
+            parse_id("id", id),
+            events=context.events,
+            actor=context.actor,
+        )
+        return ValidationReport.from_report(report)
 
     @strawberry.mutation(
         description="Delete the group, its masks and every stored object under its key prefix."

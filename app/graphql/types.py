@@ -15,6 +15,7 @@ from strawberry.types.private import is_private
 from strawberry.types.scalar import ScalarDefinition
 
 from app.graphql.context import Info
+from app.graphql.group_validation import ValidationReport
 from app.graphql.loaders import MaskFilter
 from app.models import utcnow
 from app.principals import Role
@@ -126,8 +127,8 @@ class AuditEvent(FromRow):
     actor: str
     action: str = strawberry.field(
         description="annotation.create, mask_group.create, upload_urls.issue, upload.complete, "
-        "mask_group.delete, token.create, token.revoke, mask_group.export_seg, "
-        "mask_group.import_seg"
+        "mask_group.delete, mask_group.validate, token.create, token.revoke, "
+        "mask_group.export_seg, mask_group.import_seg"
     )
     annotation_id: strawberry.ID | None
     mask_group_id: strawberry.ID | None
@@ -234,6 +235,11 @@ class MaskGroup(FromRow):
         row = await info.context.loaders.annotation.load(int(self.annotation_id))
         return Annotation.from_row(row)
 
+    @strawberry.field(description="latest validation, null until the group has been validated")
+    async def validation(self, info: Info) -> ValidationReport | None:
+        report = await info.context.loaders.validation_of_group.load(int(self.id))
+        return ValidationReport.from_report(report) if report is not None else None
+
     @strawberry.field(description="latest DICOM SEG export of this group; null if never exported")
     async def dicom_export(self, info: Info) -> DicomExport | None:
         row = await info.context.loaders.dicom_export.load(int(self.id))
@@ -281,6 +287,9 @@ class Mask(FromRow):
     )
     width: int | None
     height: int | None
+    confidence: float | None = strawberry.field(
+        description="the model's confidence in this slice, 0..1"
+    )
     created_at: datetime
     view_urls: strawberry.Private[ViewUrlSigner | None] = None
 
@@ -386,6 +395,9 @@ class CompletedSliceInput:
     sop_instance_uid: str | None = None
     width: int | None = None
     height: int | None = None
+    confidence: float | None = strawberry.field(
+        default=None, description="the model's confidence in this slice, 0..1"
+    )
 
 
 @strawberry.input

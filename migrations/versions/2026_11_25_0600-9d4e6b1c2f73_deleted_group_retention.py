@@ -1,7 +1,7 @@
 """Deleted groups kept for DELETED_GROUP_RETENTION (annotation_mask_group.deleted_at, deleted_by)
 
 Revision ID: 9d4e6b1c2f73
-Revises: b5d2e8f4a915
+Revises: d5e7a9c1b3f2
 Create Date: 2026-11-25 05:40:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "9d4e6b1c2f73"
-down_revision: str | None = "b5d2e8f4a915"
+down_revision: str | None = "d5e7a9c1b3f2"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

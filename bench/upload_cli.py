@@ -1,0 +1,167 @@
+"""Benchmark: `pacs-masks upload` end to end, as an inference worker runs it: 1000 masks of
+512x512 to the real server (a subprocess) on PostgreSQL and moto's S3 server over loopback.
+Prints slices/s, MB/s and the client's peak memory, for a folder of ready PNGs and for a
+NumPy label volume the client encodes itself. Not a test.
+
+    .venv/bin/python bench/upload_cli.py [--slices 1000] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from run import (
+    ADMIN_URL,
+    BIN,
+    admin_execute,
+    cpu_model,
+    create_bucket,
+    free_port,
+    proc_status_kib,
+    run_cli,
+    server_env,
+    start_moto,
+    stop,
+    wait_ready,
+)
+
+SIZE = 512
+
+
+def mask(index: int, count: int) -> np.ndarray:
+    """An organ-like blob whose radius follows the slice: small, compressible, realistic."""
+    y, x = np.ogrid[:SIZE, :SIZE]
+    radius = 40 + 120 * np.sin(np.pi * (index + 0.5) / count)
+    blob = (x - SIZE // 2 - 30) ** 2 + (y - SIZE // 2) ** 2 <= radius**2
+    lesion = (x - SIZE // 2 + 60) ** 2 + (y - SIZE // 2 + 20) ** 2 <= (radius / 5) ** 2
+    return (blob.astype(np.uint8) + lesion.astype(np.uint8)).astype(np.uint8)
+
+
+def make_inputs(folder: Path, count: int) -> tuple[Path, Path]:
+    pngs = folder / "pngs"
+    pngs.mkdir()
+    volume = np.lib.format.open_memmap(
+        folder / "volume.npy", mode="w+", dtype=np.uint8, shape=(count, SIZE, SIZE)
+    )
+    for index in range(count):
+        array = mask(index, count)
+        Image.fromarray(array).save(pngs / f"slice_{index:05d}.png")
+        volume[index] = array
+    volume.flush()
+    del volume
+    return pngs, folder / "volume.npy"
+
+
+def upload(
+    cli: str, env: dict[str, str], source: Path, concurrency: int
+) -> tuple[dict[str, object], float, float, int]:
+    """Runs one upload; returns its summary, wall seconds, client CPU seconds, peak RSS KiB."""
+    command = [cli, "upload", str(source), "--study-uid", "1.2.3.4", "--model", "bench"]
+    command += ["--concurrency", str(concurrency), "--json"]
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=err)
+        # VmHWM is the peak of this process's own memory since exec (wait4's ru_maxrss would
+        # include the forking parent's). It only grows, so the last reading is the peak
+        # up to a few milliseconds before the end.
+        peak_kib = 0
+        while True:
+            try:
+                peak_kib = max(peak_kib, proc_status_kib(process.pid, "VmHWM"))
+            except (OSError, RuntimeError):
+                pass
+            if process.poll() is not None:
+                break
+            time.sleep(0.02)
+        wall = time.perf_counter() - started
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if process.returncode != 0:
+        raise RuntimeError(f"upload failed ({process.returncode}): {stderr.decode()[-2000:]}")
+    (summary,) = json.loads(stdout)["groups"]
+    cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
+    return summary, wall, cpu, peak_kib
+
+
+async def main_async(args: argparse.Namespace, workdir: Path) -> None:
+    created = f"pacs_masks_bench_{uuid.uuid4().hex[:12]}"
+    await admin_execute(f'CREATE DATABASE "{created}"')
+    database_url = f"{ADMIN_URL.rsplit('/', 1)[0]}/{created}"
+    moto, moto_url = start_moto()
+    process = None
+    try:
+        await create_bucket(moto_url)
+        env = server_env(database_url, moto_url)
+        cli = str(BIN / "pacs-masks")
+        run_cli(cli, env, str(workdir), "migrate")
+        token = run_cli(
+            cli, env, str(workdir), "create-token", "--user", "bench", "--role", "uploader"
+        )
+        port = free_port()
+        log = workdir / "server.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(  # noqa: ASYNC220 (started once, before any load)
+                [cli, "serve", "--port", str(port)],
+                env=env,
+                cwd=workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        await wait_ready(f"http://127.0.0.1:{port}", process, log)
+        pngs, volume = make_inputs(workdir, args.slices)
+        client_env = {
+            "PATH": os.environ.get("PATH", ""),
+            "PACS_MASKS_URL": f"http://127.0.0.1:{port}",
+            "PACS_MASKS_TOKEN": token.strip().splitlines()[-1],
+        }
+        print(
+            f"{'input':<24} {'slices/s':>9} {'MB/s':>6} {'upload s':>9} {'wall s':>7} "
+            f"{'client CPU s':>12} {'peak RSS':>9}"
+        )
+        for name, source in (("folder of PNGs", pngs), ("NumPy volume (encoded)", volume)):
+            summary, wall, cpu, peak_kib = upload(cli, client_env, source, args.concurrency)
+            seconds = float(summary["seconds"])  # type: ignore[arg-type]
+            slices = int(summary["uploadedSlices"])  # type: ignore[call-overload]
+            megabytes = int(summary["uploadedBytes"]) / 1e6  # type: ignore[call-overload]
+            print(
+                f"{name:<24} {slices / seconds:>9.0f} {megabytes / seconds:>6.2f} "
+                f"{seconds:>9.2f} {wall:>7.2f} {cpu:>12.2f} {peak_kib / 1024:>5.0f} MiB"
+                f"   ({megabytes:.1f} MB in {slices} slices)"
+            )
+    finally:
+        if process is not None:
+            stop(process)
+        moto.stop()
+        await admin_execute(f'DROP DATABASE IF EXISTS "{created}" WITH (FORCE)')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--slices", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+    print(f"machine: {platform.platform()}, {cpu_model()}, {os.cpu_count()} cores")
+    print(f"python:  {sys.version.split()[0]}; {args.slices} slices of {SIZE}x{SIZE}\n")
+    with tempfile.TemporaryDirectory(prefix="pacs-masks-bench-") as workdir:
+        asyncio.run(main_async(args, Path(workdir)))
+
+
+if __name__ == "__main__":
+    main()
