@@ -18,7 +18,8 @@ README = (ROOT / "README.md").read_text()
 
 def upload_sequence_script() -> str:
     """The shell blocks of "The upload sequence", in order, as one bash script."""
-    section = README[README.index("## The upload sequence") : README.index("## API\n")]
+    start = README.index("## The upload sequence")
+    section = README[start : README.index("\n## ", start)]
     return "\n".join(re.findall(r"```sh\n(.*?)```", section, re.DOTALL))
 
 
