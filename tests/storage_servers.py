@@ -279,8 +279,9 @@ def _start_weed(
         "-s3.port.lance=0",
         f"-filer.localSocket={base / 'filer.sock'}",
         f"-s3.localSocket={base / 's3.sock'}",
-        # Small volumes: the defaults (30 GB, 8 of them) reserve far more than a test writes.
-        "-volume.max=8",
+        # Small volumes, not preallocated, and many of them: every bucket (collection) grows
+        # its own volumes, and a server out of volume slots answers 500 InternalError.
+        "-volume.max=200",
         "-master.volumeSizeLimitMB=64",
         "-master.volumePreallocate=false",
         "-master.telemetry=false",

@@ -111,6 +111,9 @@ async def fuzz_stack(tmp_path: Path, own_postgres_url: str) -> AsyncIterator[Sta
         yield stack
 
 
+# hypothesis-graphql draws some names with the `random` module inside its strategies, which
+# Hypothesis flags with a deprecation warning; that is the library's code, not ours.
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
 async def test_generated_operations_never_fail_inside(fuzz_stack: Stack) -> None:
     stack = fuzz_stack
     loop = asyncio.get_running_loop()
