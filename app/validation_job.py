@@ -63,6 +63,10 @@ class ValidationRunReport:
     gone: int = 0
     failed: int = 0
 
+    def __bool__(self) -> bool:
+        # An idle run has nothing to report (`JobRunner` logs it at debug level only).
+        return bool(self.requested or self.valid or self.invalid or self.gone or self.failed)
+
 
 def _lease(context: JobContext) -> timedelta:
     # Long enough to stream a large group: a claimed request is not taken again meanwhile.
