@@ -1,10 +1,14 @@
-"""One log line and one set of metrics per HTTP request: method, path (never its query string:
+"""What every HTTP request gets on its way through: an id (the caller's X-Request-ID if sane)
+for logs and errors, the server's own time in Server-Timing so clients can tell it from the
+network, and one log line and one set of metrics: method, path (never its query string:
 storage URLs carry signatures there), route, status, duration, request id, user, operation."""
 
 from __future__ import annotations
 
 import logging
+import re
 import time
+import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -12,6 +16,8 @@ from app.logging_setup import REQUEST_STATE
 from app.metrics import UNMATCHED_ROUTE, observe_request
 
 access_log = logging.getLogger("app.access")
+
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class AccessMiddleware:
@@ -22,7 +28,10 @@ class AccessMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
+        state["request_id"] = request_id
         token = REQUEST_STATE.set(state)
         started = time.perf_counter()
         status = 500
@@ -31,6 +40,14 @@ class AccessMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                headers = list(message.get("headers", []))
+                names = {name.lower() for name, _ in headers}
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                headers.append((b"server-timing", f"app;dur={elapsed_ms:.1f}".encode("latin-1")))
+                if b"x-content-type-options" not in names:
+                    headers.append((b"x-content-type-options", b"nosniff"))
+                message["headers"] = headers
             await send(message)
 
         try:

@@ -3,9 +3,6 @@ it to the handlers as typed lifespan state (`app.state.Services`)."""
 
 from __future__ import annotations
 
-import re
-import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,7 +11,6 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import DisableIntrospection
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
@@ -42,8 +38,6 @@ from app.sweeper import sweep_job
 from app.validation_job import validation_job
 from app.view_urls import ViewUrlSigner
 
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
 # Background jobs every `serve` runs (see app.jobs): name, function, on/off and interval setting.
 JOBS = [
     Job("storage-cleanup", sweep_job, "cleanup_enabled", "cleanup_interval_seconds"),
@@ -58,37 +52,6 @@ JOBS = [
         lease_seconds=120,
     ),
 ]
-
-
-class RequestIdMiddleware:
-    """Gives every request an id (the caller's X-Request-ID if sane) for logs and errors, and
-    reports the server's own time in Server-Timing so clients can tell it from the network."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        started = time.perf_counter()
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                elapsed_ms = (time.perf_counter() - started) * 1000
-                headers = list(message.get("headers", []))
-                names = {name.lower() for name, _ in headers}
-                headers.append((b"x-request-id", request_id.encode("latin-1")))
-                headers.append((b"server-timing", f"app;dur={elapsed_ms:.1f}".encode("latin-1")))
-                if b"x-content-type-options" not in names:
-                    headers.append((b"x-content-type-options", b"nosniff"))
-                message["headers"] = headers
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
 
 
 async def open_storage(settings: Settings) -> Storage:
@@ -160,7 +123,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await engine.dispose()
 
     middleware = [
-        Middleware(RequestIdMiddleware),
         Middleware(AccessMiddleware),
         Middleware(BodyDeadlineMiddleware, timeout=settings.request_body_timeout),
     ]

@@ -42,8 +42,8 @@ def services_of(request: HTTPConnection) -> Services:
 
 
 def request_id_of(request: Request) -> str:
-    """Set for every HTTP request by `app.main.RequestIdMiddleware`."""
+    """Set for every HTTP request by `app.access.AccessMiddleware`."""
     request_id = request.state.request_id
     if not isinstance(request_id, str):
-        raise TypeError("the request went around RequestIdMiddleware")
+        raise TypeError("the request went around AccessMiddleware")
     return request_id

@@ -26,7 +26,8 @@ BENCH = Path(__file__).parent.parent / "bench" / "run.py"
 
 def readme_tree_query() -> str:
     text = README.read_text()
-    return re.search(r"```graphql\n(query Tree.*?)```", text, re.DOTALL).group(1)  # type: ignore[union-attr]
+    # Step 6 of the upload sequence: the query inside its jq command.
+    return re.search(r'query: "(query\(\$id: ID!\) \{ annotation.*?)",\n', text).group(1)  # type: ignore[union-attr]
 
 
 def bench_tree_query() -> str:

@@ -130,19 +130,6 @@ class QueryCost:
         if unbounded:
             raise ValueError(f"list fields without a cost bound: {', '.join(unbounded)}")
 
-    def cost(
-        self,
-        document: DocumentNode,
-        operation: OperationDefinitionNode,
-        variables: Mapping[str, Any] | None,
-        *,
-        limit: int,
-    ) -> int:
-        """The operation's cost; above `limit` it is a lower bound (counting stopped)."""
-        walk = _Walk(self, document, operation, variables or {}, limit)
-        root = self.schema.get_root_type(operation.operation)
-        return walk.selection_cost(operation.selection_set, root)
-
     def check(
         self,
         document: DocumentNode,
@@ -151,7 +138,10 @@ class QueryCost:
         *,
         limit: int,
     ) -> int:
-        cost = self.cost(document, operation, variables, limit=limit)
+        """The operation's cost, refused above `limit` (counting stops there)."""
+        walk = _Walk(self, document, operation, variables or {}, limit)
+        root = self.schema.get_root_type(operation.operation)
+        cost = walk.selection_cost(operation.selection_set, root)
         if cost > limit:
             raise QueryTooExpensive(
                 f"query cost is at least {cost}, above the limit of {limit} (MAX_QUERY_COST): "
