@@ -5,39 +5,18 @@ Each case runs the real `pacs-masks` command in a fresh directory."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
+from commands import clean_env, run_cli
 from conftest import POSTGRES_ADMIN_URL, unavailable
 
 from app.cli_failures import ExitCode
-
-BIN = Path(sys.executable).parent
-
-
-def _env(**settings: str) -> dict[str, str]:
-    # The embedded default unless the case says otherwise.
-    base = {key: os.environ[key] for key in ("PATH", "HOME", "LANG") if key in os.environ}
-    return {**base, **settings}
-
-
-def _run(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "pacs-masks"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def _closed_port() -> int:
@@ -165,7 +144,7 @@ def test_each_failure_is_one_line_and_its_exit_code(
 ) -> None:
     closed = str(_closed_port())
     values = {name: value.format(closed=closed, cwd=tmp_path) for name, value in settings.items()}
-    result = _run(tmp_path, _env(**values), *args)
+    result = run_cli(tmp_path, clean_env(**values), *args)
     line = assert_fails(result, code, *words)
     # A password in DATABASE_URL is never echoed; neither is a secret setting's value.
     assert "testing" not in line
@@ -173,7 +152,7 @@ def test_each_failure_is_one_line_and_its_exit_code(
 
 def test_nothing_is_created_by_a_command_that_fails(tmp_path: Path) -> None:
     # A token command in the wrong folder must not leave an empty database behind.
-    assert_fails(_run(tmp_path, _env(), "list-tokens"), ExitCode.DATABASE)
+    assert_fails(run_cli(tmp_path, clean_env(), "list-tokens"), ExitCode.DATABASE)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -182,14 +161,14 @@ def test_serve_refuses_a_taken_port(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        result = _run(tmp_path, _env(), "serve", "--port", port)
+        result = run_cli(tmp_path, clean_env(), "serve", "--port", port)
     assert_fails(result, ExitCode.ADDRESS, f"127.0.0.1:{port}", "--port")
 
 
 def test_revoking_an_unknown_token_is_a_refusal(tmp_path: Path) -> None:
-    env = _env(DATABASE_URL=f"sqlite:///{tmp_path / 'm.db'}")
-    assert _run(tmp_path, env, "migrate").returncode == 0
-    assert_fails(_run(tmp_path, env, "revoke-token", "99"), ExitCode.FAILED, "99")
+    env = clean_env(DATABASE_URL=f"sqlite:///{tmp_path / 'm.db'}")
+    assert run_cli(tmp_path, env, "migrate").returncode == 0
+    assert_fails(run_cli(tmp_path, env, "revoke-token", "99"), ExitCode.FAILED, "99")
 
 
 @pytest.fixture
@@ -212,13 +191,13 @@ async def unmigrated_postgres() -> AsyncIterator[str]:
 async def test_unmigrated_postgres_is_refused_until_migrated(
     tmp_path: Path, unmigrated_postgres: str
 ) -> None:
-    env = _env(DATABASE_URL=unmigrated_postgres)
+    env = clean_env(DATABASE_URL=unmigrated_postgres)
     for args in (["serve", "--port", str(_closed_port())], ["list-tokens"]):
-        result = _run(tmp_path, env, *args)
+        result = run_cli(tmp_path, env, *args)
         assert_fails(result, ExitCode.DATABASE, "not migrated", "pacs-masks migrate")
 
-    migrated = _run(tmp_path, env, "migrate")
+    migrated = run_cli(tmp_path, env, "migrate")
     assert migrated.returncode == 0, migrated.stderr
-    listed = _run(tmp_path, env, "list-tokens")
+    listed = run_cli(tmp_path, env, "list-tokens")
     assert listed.returncode == 0, listed.stderr
     assert listed.stderr == ""
