@@ -22,12 +22,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import unavailable
+from conftest import content_md5, unavailable
 
 from app.config import Settings
+from app.s3 import S3Storage
 
 BUCKET = "pacs-masks"
 START_TIMEOUT_SECONDS = 20.0
@@ -343,3 +345,18 @@ def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed
     finally:
         _kill(process, ports)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def presigned_put(
+    storage: S3Storage, key: str, body: bytes, now: datetime
+) -> tuple[str, dict[str, str]]:
+    """A PUT of `body` to `key` as our server signs it: URL and the headers to send."""
+    request = storage.presign_put(
+        key,
+        content_type="image/png",
+        content_md5=content_md5(body),
+        content_length=len(body),
+        expires_in=300,
+        now=now,
+    )
+    return request.url, dict(request.headers)

@@ -17,7 +17,7 @@ import botocore.session
 import httpx
 import pytest
 from botocore.config import Config
-from storage_servers import BUCKET, MotoServer, RcloneServer, s3_settings
+from storage_servers import BUCKET, MotoServer, RcloneServer, presigned_put, s3_settings
 
 from app.config import CONTENT_TYPE_EXTENSIONS, Settings
 from app.s3 import S3Storage
@@ -519,33 +519,19 @@ async def rclone_storage(rclone_server: RcloneServer) -> AsyncIterator[S3Storage
     await storage.aclose()
 
 
-def _put_request(
-    storage: S3Storage, key: str, body: bytes, now: datetime
-) -> tuple[str, dict[str, str]]:
-    request = storage.presign_put(
-        key,
-        content_type="image/png",
-        content_md5=md5_b64(body),
-        content_length=len(body),
-        expires_in=300,
-        now=now,
-    )
-    return request.url, dict(request.headers)
-
-
 @pytest.mark.s3
 async def test_rclone_refuses_expired_tampered_and_wrong_uploads(
     rclone_storage: S3Storage, rclone_server: RcloneServer
 ) -> None:
     key = mask_key(*new_group(), 3, "lung", "image/png")
     async with httpx.AsyncClient() as http:
-        url, headers = _put_request(
+        url, headers = presigned_put(
             rclone_storage, key, PNG, datetime.now(UTC) - timedelta(minutes=10)
         )
         response = await http.put(url, content=PNG, headers=headers)
         assert 400 <= response.status_code < 500, "expired URL accepted"
 
-        url, headers = _put_request(rclone_storage, key, PNG, datetime.now(UTC))
+        url, headers = presigned_put(rclone_storage, key, PNG, datetime.now(UTC))
         signature = url[-64:]
         tampered = url[:-64] + signature[::-1]
         response = await http.put(tampered, content=PNG, headers=headers)
@@ -563,7 +549,7 @@ async def test_rclone_refuses_expired_tampered_and_wrong_uploads(
         assert await rclone_storage.stat_objects([key]) == {}
         assert not (rclone_server.root / BUCKET / key).exists()
 
-        url, headers = _put_request(rclone_storage, key, PNG, datetime.now(UTC))
+        url, headers = presigned_put(rclone_storage, key, PNG, datetime.now(UTC))
         response = await http.put(url, content=PNG, headers=headers)
         assert response.status_code == 200, response.text
 
@@ -588,7 +574,7 @@ async def test_rclone_stat_open_and_delete(rclone_storage: S3Storage) -> None:
     }
     async with httpx.AsyncClient() as http:
         for key, body in bodies.items():
-            url, headers = _put_request(rclone_storage, key, body, datetime.now(UTC))
+            url, headers = presigned_put(rclone_storage, key, body, datetime.now(UTC))
             response = await http.put(url, content=body, headers=headers)
             assert response.status_code == 200, response.text
 

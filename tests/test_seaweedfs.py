@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from storage_servers import SeaweedServer, s3_settings
+from storage_servers import SeaweedServer, presigned_put, s3_settings
 
 from app.s3 import S3Storage
 from app.storage import mask_key
@@ -39,25 +39,15 @@ async def seaweed_storage(seaweed_server: SeaweedServer) -> AsyncIterator[S3Stor
     await storage.aclose()
 
 
-def _put(storage: S3Storage, key: str, body: bytes, now: datetime) -> tuple[str, dict[str, str]]:
-    request = storage.presign_put(
-        key,
-        content_type="image/png",
-        content_md5=md5_b64(body),
-        content_length=len(body),
-        expires_in=300,
-        now=now,
-    )
-    return request.url, dict(request.headers)
-
-
 async def test_refuses_expired_tampered_and_wrong_uploads(seaweed_storage: S3Storage) -> None:
     key = mask_key(1, 1, 3, "lung", "image/png")
     async with httpx.AsyncClient() as http:
-        url, headers = _put(seaweed_storage, key, PNG, datetime.now(UTC) - timedelta(minutes=10))
+        url, headers = presigned_put(
+            seaweed_storage, key, PNG, datetime.now(UTC) - timedelta(minutes=10)
+        )
         assert (await http.put(url, content=PNG, headers=headers)).status_code == 403
 
-        url, headers = _put(seaweed_storage, key, PNG, datetime.now(UTC))
+        url, headers = presigned_put(seaweed_storage, key, PNG, datetime.now(UTC))
         tampered = url[:-64] + url[-64:][::-1]
         assert (await http.put(tampered, content=PNG, headers=headers)).status_code == 403
         other_type = {**headers, "Content-Type": "image/jpeg"}
@@ -109,7 +99,9 @@ async def test_wrong_credentials_are_refused(seaweed_server: SeaweedServer) -> N
     )
     storage = await S3Storage.from_settings(settings)
     try:
-        url, headers = _put(storage, mask_key(1, 3, 0, None, "image/png"), PNG, datetime.now(UTC))
+        url, headers = presigned_put(
+            storage, mask_key(1, 3, 0, None, "image/png"), PNG, datetime.now(UTC)
+        )
         async with httpx.AsyncClient() as http:
             assert (await http.put(url, content=PNG, headers=headers)).status_code == 403
     finally:
