@@ -154,6 +154,7 @@ LAYERS = [
             "app.dicom.source",
             "app.dicom.pacs",
             "app.dicom.seg",
+            "app.dicom.seg_volume",
             "app.dicom.export",
             "app.dicom.imports",
         },
