@@ -27,6 +27,7 @@ from typing import Any
 import uvicorn
 from prometheus_client import multiprocess
 from starlette.applications import Starlette
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from app.cli_failures import CommandFailed, ExitCode
@@ -67,7 +68,13 @@ def run_server(settings: Settings) -> None:
             timeout_worker_healthcheck=HEALTHCHECK_SECONDS,
             **_options(settings),
         )
-        _Supervisor(config, sockets=[config.bind_socket()]).run()
+        supervisor = _Supervisor(config, sockets=[config.bind_socket()])
+        supervisor.run()
+    if supervisor.failed_to_start:
+        raise CommandFailed(
+            ExitCode.FAILED,
+            "a worker failed to start (its log lines above say why), so the server stopped",
+        )
 
 
 class _WorkerConfig(uvicorn.Config):
@@ -93,11 +100,14 @@ class _Supervisor(Multiprocess):
     def __init__(self, config: uvicorn.Config, sockets: list[socket]) -> None:
         super().__init__(config, sockets)
         self._known: set[int] = set()
+        self.failed_to_start = False
 
     def run(self) -> None:
         try:
             super().run()
         finally:
+            # uvicorn stops every worker when one fails before serving, and keeps that one.
+            self.failed_to_start = any(p.exitcode == STARTUP_FAILURE for p in self.processes)
             self.processes.clear()
             self._forget_exited()
 
