@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import signal
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -260,6 +262,38 @@ async def test_a_subscriber_on_one_worker_sees_changes_made_through_another(
             .where(MaskGroupValidation.mask_group_id == int(group_id))
         )
     assert reports == 1
+
+
+def _series_pids(samples: dict[Any, float], name: str) -> set[int]:
+    return {int(dict(labels)["pid"]) for (sample, labels), _ in samples.items() if sample == name}
+
+
+async def test_a_worker_that_dies_is_replaced_and_its_counts_stay(server: ServedProcess) -> None:
+    before = await scrape(server)
+    assert _series_pids(before, "pacs_masks_live_subscribers") == server.worker_pids
+    healthz = {"route": "/healthz", "method": "GET", "status": "200"}
+    counted = value(before, "pacs_masks_http_requests_total", **healthz)
+
+    victim = min(server.worker_pids)
+    os.kill(victim, signal.SIGKILL)
+    started = {victim}
+    for _ in range(1200):
+        started = {
+            line["pid"]
+            for line in server.log_lines()
+            if line["message"] == "Application startup complete."
+        }
+        if started - server.worker_pids:
+            break
+        await asyncio.sleep(0.1)
+    [replacement] = started - server.worker_pids
+    server.worker_pids.remove(victim)
+    server.worker_pids.add(replacement)
+
+    after = await scrape(server)
+    # The dead worker's per-process gauge went; what it counted is still in the sum.
+    assert _series_pids(after, "pacs_masks_live_subscribers") == server.worker_pids
+    assert value(after, "pacs_masks_http_requests_total", **healthz) >= counted
 
 
 def _environment_of(pid: int) -> dict[str, str]:
