@@ -168,6 +168,7 @@ LAYERS = [
             "app.auth",
             "app.cli",
             "app.cli_failures",
+            "app.workers",
             "app.access",
             "app.metrics_http",
             "app.slow_clients",
