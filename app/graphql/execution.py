@@ -32,6 +32,8 @@ from graphql.pyutils import AwaitableOrValue, Path
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 from strawberry.types.field import StrawberryField
 
+from app.graphql.collector import collector_paused
+
 STRAWBERRY_DEFINITION = "strawberry-definition"
 
 # (response key, value getter, serializer, is_nullable, type its serializer returns as is)
@@ -168,7 +170,8 @@ class FastListExecutionContext(StrawberryGraphQLCoreExecutionContext):
             plan = self._plain_plan(item_type, field_details_list)
             if plan is not None:
                 try:
-                    return [_complete(item, plan) for item in result]
+                    with collector_paused():
+                        return [_complete(item, plan) for item in result]
                 except _NotPlain:
                     pass
         return super().complete_list_value(

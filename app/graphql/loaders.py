@@ -54,9 +54,10 @@ class Loaders:
         self.mask_group = DataLoader(self._mask_groups)
         self.mask = DataLoader(self._masks_by_id)
         self.groups_of_annotation = DataLoader(self._groups_of_annotations)
-        # Not cached: each group's rows are freed once its masks are built, so a big tree
-        # never holds every row and every completed mask at once. A key asked twice in one
-        # batch is still one query (see _masks_of_groups).
+        # Not cached, and every load gets a list of its own that the caller may empty once
+        # consumed (MaskGroup.masks does): a finished batch keeps its futures, and so its
+        # results, until the request ends, and a big tree must not hold every row and every
+        # completed mask at once. A key asked twice in one batch is still one query.
         self.masks_of_group: DataLoader[tuple[int, MaskFilter], list[Row[Any]]] = DataLoader(
             self._masks_of_groups, cache=False
         )
@@ -104,7 +105,7 @@ class Loaders:
             grouped = _grouped(rows, group_ids, "mask_group_id")
             for group_id, group_rows in zip(group_ids, grouped, strict=True):
                 results[(group_id, mask_filter)] = group_rows
-        return [results[key] for key in keys]
+        return [list(results[key]) for key in keys]
 
     async def _validations_of_groups(self, ids: list[int]) -> list[ValidationReport | None]:
         async with self._sessionmaker() as session:

@@ -14,6 +14,7 @@ from strawberry.types.base import StrawberryOptional
 from strawberry.types.private import is_private
 from strawberry.types.scalar import ScalarDefinition
 
+from app.graphql.collector import collector_paused
 from app.graphql.context import Info
 from app.graphql.group_validation import ValidationReport
 from app.graphql.loaders import MaskFilter
@@ -236,7 +237,12 @@ class MaskGroup(FromRow):
         )
         rows = await info.context.loaders.masks_of_group.load((int(self.id), mask_filter))
         view_urls = info.context.view_urls
-        return Mask.from_rows(rows, view_urls=view_urls, view_expires=view_urls.current_expiry())
+        with collector_paused():
+            masks = Mask.from_rows(
+                rows, view_urls=view_urls, view_expires=view_urls.current_expiry()
+            )
+        rows.clear()  # ours alone (see Loaders.masks_of_group): freed group by group
+        return masks
 
 
 @strawberry.type
