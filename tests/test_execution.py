@@ -4,6 +4,7 @@ masks loaded whole, the response encoder against the standard library's."""
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 from typing import Any
@@ -14,6 +15,7 @@ from flows import create_annotation, create_group, upload
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 
 from app.audit import Actor
+from app.graphql.collector import collector_paused
 from app.graphql.context import Context
 from app.graphql.schema import create_schema
 from app.graphql.selections import needed_columns
@@ -33,11 +35,16 @@ QUERIES = [
     """query($id: ID!) { annotation(id: $id) { maskGroups { masks(offset: 1, limit: 2) {
         __typename ... on Mask { viewUrl ...S } } } } }
        fragment S on Mask { sliceIndex labelName width }""",
+    # One loader key twice in a batch: each list is built from rows of its own.
+    """query($id: ID!) { annotation(id: $id) { maskGroups { a: masks { id viewUrl }
+        b: masks { viewUrl id } } } }""",
 ]
 
 
 @pytest.mark.parametrize(
-    "query", QUERIES, ids=["plain", "aliases-fragments", "arguments", "empty", "inline-paged"]
+    "query",
+    QUERIES,
+    ids=["plain", "aliases-fragments", "arguments", "empty", "inline-paged", "same-list-twice"],
 )
 async def test_fast_path_matches_standard_execution(stack: Stack, query: str) -> None:
     annotation_id = await create_annotation(stack)
@@ -62,6 +69,9 @@ async def test_fast_path_matches_standard_execution(stack: Stack, query: str) ->
     slow: dict[str, Any] | None = result.data
     # Signed view URLs differ only if the two runs straddle an expiry step.
     assert _same_expiry(fast) == _same_expiry(slow)
+    (group,) = fast["annotation"]["maskGroups"]
+    if "a" in group:
+        assert len(group["a"]) == len(group["b"]) == 4
 
 
 def _same_expiry(data: Any) -> str:
@@ -132,3 +142,19 @@ async def test_responses_encode_as_the_standard_encoder_did(
     assert (
         response.content == json.dumps(expected, separators=(",", ":"), ensure_ascii=False).encode()
     )
+
+
+def test_collector_pauses_nest_and_restore_its_state() -> None:
+    assert gc.isenabled()
+    with collector_paused():
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()  # it was off before: it stays off
+    finally:
+        gc.enable()
