@@ -5,7 +5,8 @@ fields is ~0.7 s of executor time for ~50 ms of data. When every field selected 
 items is a plain attribute (or a method of `self` alone) returning a scalar, the items are
 completed here in one loop with the same serializers. Anything else (arguments, info,
 permissions, field extensions, nested objects, @defer, nulls in non-null fields) takes the
-standard path, so results and errors are the same either way."""
+standard path, so results and errors are the same either way. Such lists are returned as
+JSON bytes already (app/graphql/encoded.py) in queries and mutations."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from graphql import (
     GraphQLResolveInfo,
     GraphQLScalarType,
     GraphQLString,
+    OperationType,
 )
 from graphql.execution.collect_fields import FieldDetailsList
 from graphql.pyutils import AwaitableOrValue, Path
@@ -33,6 +35,7 @@ from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 from strawberry.types.field import StrawberryField
 
 from app.graphql.collector import collector_paused
+from app.graphql.encoded import encode_list
 
 STRAWBERRY_DEFINITION = "strawberry-definition"
 
@@ -97,6 +100,9 @@ class FastListExecutionContext(StrawberryGraphQLCoreExecutionContext):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._plain_plans: dict[tuple[str, int], list[PlainField] | None] = {}
+        # Queries and mutations are answered over HTTP by our encoders, which write encoded
+        # lists; subscription events are written by Strawberry's, which would not.
+        self._encode_lists = self.operation.operation is not OperationType.SUBSCRIPTION
 
     def _plain_plan(
         self, item_type: GraphQLObjectType, field_details_list: FieldDetailsList
@@ -171,6 +177,10 @@ class FastListExecutionContext(StrawberryGraphQLCoreExecutionContext):
             if plan is not None:
                 try:
                     with collector_paused():
+                        if self._encode_lists:
+                            encoded = encode_list(result, lambda item: _complete(item, plan))
+                            if encoded is not None:
+                                return encoded  # type: ignore[return-value]
                         return [_complete(item, plan) for item in result]
                 except _NotPlain:
                     pass

@@ -3,9 +3,12 @@ since Strawberry resolves sibling fields and batches concurrently."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from itertools import groupby
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import ColumnElement, Row, Select, func, select
@@ -21,6 +24,10 @@ mask_table = Mask.__table__
 export_table = DicomExport.__table__
 # Groups deleted within DELETED_GROUP_RETENTION are invisible until restored.
 LIVE_GROUP = group_table.c.deleted_at.is_(None)
+# Rows fetched per round trip when streaming a batch of mask lists.
+STREAM_ROWS = 2000
+# One group's mask rows, once the batch's stream has read them all.
+GroupRows = asyncio.Future[list[Row[Any]]]
 MASK_ORDER = (mask_table.c.slice_index, func.coalesce(mask_table.c.label_name, ""))
 
 
@@ -54,13 +61,16 @@ class Loaders:
         self.mask_group = DataLoader(self._mask_groups)
         self.mask = DataLoader(self._masks_by_id)
         self.groups_of_annotation = DataLoader(self._groups_of_annotations)
-        # Not cached, and every load gets a list of its own that the caller may empty once
-        # consumed (MaskGroup.masks does): a finished batch keeps its futures, and so its
-        # results, until the request ends, and a big tree must not hold every row and every
-        # completed mask at once. A key asked twice in one batch is still one query.
-        self.masks_of_group: DataLoader[tuple[int, MaskFilter], list[Row[Any]]] = DataLoader(
+        # Not cached, and every load gets a future of its own, resolved with a list of its
+        # own that the caller may empty once consumed (MaskGroup.masks does): a big tree must
+        # not hold every row and every completed mask at once. The batch's query is streamed
+        # and each group's future resolved as soon as its rows are in, so a group's masks are
+        # built and completed while the next group's rows arrive. A key asked twice in one
+        # batch is still one query.
+        self.masks_of_group: DataLoader[tuple[int, MaskFilter], GroupRows] = DataLoader(
             self._masks_of_groups, cache=False
         )
+        self._streams: set[asyncio.Task[None]] = set()
         self.slice_indexes_of_group = DataLoader(self._slice_indexes_of_groups)
         self.validation_of_group = DataLoader(self._validations_of_groups)
         self.dicom_export = DataLoader(self._latest_dicom_exports)
@@ -94,18 +104,58 @@ class Loaders:
         )
         return _grouped(rows, ids, "annotation_id")
 
-    async def _masks_of_groups(self, keys: list[tuple[int, MaskFilter]]) -> list[list[Row[Any]]]:
+    async def _masks_of_groups(self, keys: list[tuple[int, MaskFilter]]) -> list[GroupRows]:
+        loop = asyncio.get_running_loop()
+        futures: list[GroupRows] = [loop.create_future() for _ in keys]
+        for future in futures:
+            # A caller cancelled before reading its future must not log an unread error.
+            future.add_done_callback(_read_error)
+        stream = asyncio.create_task(self._stream_masks(keys, futures))
+        self._streams.add(stream)  # the loop holds tasks weakly
+        stream.add_done_callback(self._streams.discard)
+        return futures
+
+    async def _stream_masks(
+        self, keys: list[tuple[int, MaskFilter]], futures: list[GroupRows]
+    ) -> None:
+        waiting: dict[tuple[int, MaskFilter], list[GroupRows]] = defaultdict(list)
+        for key, future in zip(keys, futures, strict=True):
+            waiting[key].append(future)
         # One query per distinct filter in the batch; a tree asks with one filter, so one query.
         by_filter: dict[MaskFilter, list[int]] = defaultdict(list)
-        for group_id, mask_filter in dict.fromkeys(keys):
-            by_filter[mask_filter].append(group_id)
-        results: dict[tuple[int, MaskFilter], list[Row[Any]]] = {}
-        for mask_filter, group_ids in by_filter.items():
-            rows = await self._rows(_masks_statement(group_ids, mask_filter))
-            grouped = _grouped(rows, group_ids, "mask_group_id")
-            for group_id, group_rows in zip(group_ids, grouped, strict=True):
-                results[(group_id, mask_filter)] = group_rows
-        return [list(results[key]) for key in keys]
+        for key_group, mask_filter in waiting:
+            by_filter[mask_filter].append(key_group)
+        try:
+            for mask_filter, group_ids in by_filter.items():
+                statement = _masks_statement(group_ids, mask_filter).execution_options(
+                    yield_per=STREAM_ROWS
+                )
+                async with self._sessionmaker() as session:
+                    result = await session.stream(statement)
+                    group_id: int | None = None
+                    rows: list[Row[Any]] = []
+                    async for chunk in result.partitions():
+                        # Rows come ordered by group: a new group id means the last is whole.
+                        for chunk_group, group_rows in groupby(chunk, itemgetter(0)):
+                            if chunk_group != group_id:
+                                if group_id is not None:
+                                    _deliver(waiting.pop((group_id, mask_filter), []), rows)
+                                group_id, rows = chunk_group, []
+                            rows.extend(group_rows)
+                        del chunk
+                    if group_id is not None:
+                        _deliver(waiting.pop((group_id, mask_filter), []), rows)
+            for pending in waiting.values():  # groups without a row
+                _deliver(pending, [])
+        except Exception as error:  # noqa: BLE001 - every waiting group raises it
+            for pending in waiting.values():
+                for future in pending:
+                    if not future.done():
+                        future.set_exception(error)
+        finally:  # cancelled (the server stopping, say): so are the groups still waiting
+            for pending in waiting.values():
+                for future in pending:
+                    future.cancel()
 
     async def _validations_of_groups(self, ids: list[int]) -> list[ValidationReport | None]:
         async with self._sessionmaker() as session:
@@ -131,6 +181,18 @@ class Loaders:
         )
         rows = await self._rows(select(export_table).where(export_table.c.id.in_(latest)))
         return _by_key(rows, ids, "mask_group_id")
+
+
+def _deliver(futures: list[GroupRows], rows: list[Row[Any]]) -> None:
+    """Each future gets a list of its own (its caller empties it once consumed)."""
+    for position, future in enumerate(futures):
+        if not future.done():
+            future.set_result(rows if position == 0 else list(rows))
+
+
+def _read_error(future: GroupRows) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _masks_statement(group_ids: list[int], mask_filter: MaskFilter) -> Select[Any]:

@@ -235,7 +235,7 @@ class MaskGroup(FromRow):
         mask_filter = MaskFilter(
             slice_index_from, slice_index_to, label_name, limit, offset, columns
         )
-        rows = await info.context.loaders.masks_of_group.load((int(self.id), mask_filter))
+        rows = await (await info.context.loaders.masks_of_group.load((int(self.id), mask_filter)))
         view_urls = info.context.view_urls
         with collector_paused():
             masks = Mask.from_rows(

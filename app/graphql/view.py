@@ -26,6 +26,7 @@ from app.auth import CHALLENGE, AuthenticationUnavailable, authenticate_request
 from app.errors import AppError, BadUserInput, StorageUnavailable, Unauthenticated
 from app.graphql.context import Context
 from app.graphql.cost import QueryCost
+from app.graphql.encoded import as_fragment, as_python
 from app.graphql.limits import check_document
 from app.graphql.schema import Schema
 from app.graphql.variables import check_list_lengths, check_text
@@ -281,6 +282,8 @@ def _encode(payload: dict[str, Any]) -> bytes:
     list was the server's peak memory and a third of its time. What orjson refuses (integers
     past 64 bits, in a JSON scalar say) goes through the standard encoder, as before."""
     try:
-        return orjson.dumps(payload)
+        return orjson.dumps(payload, default=as_fragment)
     except TypeError:
-        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        return json.dumps(
+            payload, separators=(",", ":"), ensure_ascii=False, default=as_python
+        ).encode()
