@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from figures import Report, add_json_argument, machine
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
@@ -77,7 +78,7 @@ def mask_png(size: int, index: int, label: int, overlap: bool) -> bytes:
     return buffer.getvalue()
 
 
-async def main(args: argparse.Namespace) -> None:
+async def main(args: argparse.Namespace, report: Report) -> None:
     labels = [f"label{number}" for number in range(args.labels)]
     with tempfile.TemporaryDirectory() as folder:
         storage = LocalStorage.from_settings(
@@ -128,6 +129,12 @@ async def main(args: argparse.Namespace) -> None:
             f"state before the export; one label volume is {volume_mib:.0f} MiB"
         )
         await storage.aclose()
+        case = f"{args.slices} slices {args.size}x{args.size}, {args.labels} labels"
+        report.add("build (storage reads, PNG decode, highdicom)", built - started, "s", note=case)
+        report.add("write", written - built, "s")
+        report.add("SEG size", out.stat().st_size / 2**20, "MiB", note=f"{done.frame_count} frames")
+        report.add("peak RSS above the state before", peak_rss_mib() - before, "MiB")
+        report.add("one label volume", volume_mib, "MiB", note="what the whole volume weighs")
 
 
 if __name__ == "__main__":
@@ -136,4 +143,9 @@ if __name__ == "__main__":
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--labels", type=int, default=3)
     parser.add_argument("--overlap", action="store_true", help="labels overlap on pixels")
-    asyncio.run(main(parser.parse_args()))
+    add_json_argument(parser)
+    arguments = parser.parse_args()
+    seg_report = Report("DICOM SEG export (local storage, in process)")
+    seg_report.context = machine()
+    asyncio.run(main(arguments, seg_report))
+    seg_report.write(arguments.json)
