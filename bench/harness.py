@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -128,8 +130,6 @@ def serve_has_workers() -> bool:
 
 def default_workers() -> int | None:
     """Every core when `serve --workers` exists, else None (the flag is not passed)."""
-    import os
-
     return os.cpu_count() if serve_has_workers() else None
 
 
@@ -170,28 +170,106 @@ class Tree:
 async def seed_trees(
     base_url: str, built: Stack, count: int, groups: int, masks: int, study: str
 ) -> list[Tree]:
-    """`count` annotations of `groups` COMPLETE groups of `masks` slices, uploaded through the
-    API and SeaweedFS as a worker uploads them."""
+    """`count` annotations of `groups` COMPLETE groups of `masks` slices. One group is
+    uploaded through the API and SeaweedFS as a worker uploads it; the others are copies of its
+    rows made in SQL (the tree query reads rows, never storage), which keeps seeding to seconds
+    where uploading 10,000 slices takes minutes on this machine."""
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    trees = []
     async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as http:
         client = Client(http, built.uploader)
-        for number in range(count):
-            uid = f"{study}.{number + 1}"
-            annotation = await client.annotation(uid)
-            for _ in range(groups):
-                await client.upload(await client.group(annotation, masks), masks)
-            trees.append(Tree(annotation, 0, groups, masks))
+        first = await client.annotation(f"{study}.1")
+        await client.upload(await client.group(first, masks), masks)
     connection = await asyncpg.connect(built.database_url)
     try:
-        for number, tree in enumerate(trees):
-            tree.db_id = await connection.fetchval(
-                "SELECT id FROM annotation_annotation WHERE study_instance_uid = $1",
-                f"{study}.{number + 1}",
+        async with connection.transaction():
+            source = await connection.fetchrow(
+                "SELECT a.id AS annotation, g.id AS grp FROM annotation_annotation a"
+                " JOIN annotation_mask_group g ON g.annotation_id = a.id"
+                " WHERE a.study_instance_uid = $1",
+                f"{study}.1",
             )
+            trees = [Tree(first, source["annotation"], groups, masks)]
+            for number in range(1, count):
+                annotation = await clone_row(
+                    connection,
+                    "annotation_annotation",
+                    source["annotation"],
+                    {"study_instance_uid": f"{study}.{number + 1}"},
+                )
+                trees.append(Tree(str(annotation), annotation, groups, masks))
+            for tree in trees:
+                for _ in range(groups if tree.db_id != source["annotation"] else groups - 1):
+                    group = await clone_row(
+                        connection,
+                        "annotation_mask_group",
+                        source["grp"],
+                        {"annotation_id": tree.db_id},
+                    )
+                    await clone_children(
+                        connection, "annotation_mask", "mask_group_id", source["grp"], group
+                    )
     finally:
         await connection.close()
     return trees
+
+
+async def background_settled(built: Stack, timeout: float = 180) -> float:
+    """Waits until the server's validation job has reported on every COMPLETE group (it runs
+    every 30 s and validates a group once): a burst of freshly seeded groups must not be
+    validated while the figures are taken. Returns the seconds waited."""
+    started = time.monotonic()
+    connection = await asyncpg.connect(built.database_url)
+    try:
+        while time.monotonic() - started < timeout:
+            waiting = await connection.fetchval(
+                "SELECT count(*) FROM annotation_mask_group g"
+                " WHERE g.status = 'COMPLETE' AND g.deleted_at IS NULL AND NOT EXISTS"
+                " (SELECT 1 FROM mask_group_validation v WHERE v.mask_group_id = g.id)"
+            )
+            if waiting == 0:
+                break
+            await asyncio.sleep(1)
+    finally:
+        await connection.close()
+    return time.monotonic() - started
+
+
+async def _columns(connection: asyncpg.Connection, table: str) -> list[str]:
+    # Read from the catalogue so a column added by a later migration is copied too.
+    rows = await connection.fetch(
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_schema = 'public' AND table_name = $1 AND column_name <> 'id'"
+        " ORDER BY ordinal_position",
+        table,
+    )
+    return [row["column_name"] for row in rows]
+
+
+async def clone_row(
+    connection: asyncpg.Connection, table: str, row_id: int, changes: dict[str, Any]
+) -> int:
+    columns = await _columns(connection, table)
+    arguments = [changes[column] for column in columns if column in changes]
+    # Placeholders are numbered by position among the changed columns.
+    numbered = iter(range(2, 2 + len(arguments)))
+    values = [f"${next(numbered)}" if column in changes else f'"{column}"' for column in columns]
+    names = ", ".join(f'"{column}"' for column in columns)
+    sql = f'INSERT INTO "{table}" ({names}) SELECT {", ".join(values)} FROM "{table}" WHERE id = $1 RETURNING id'
+    new_id: int = await connection.fetchval(sql, row_id, *arguments)
+    return new_id
+
+
+async def clone_children(
+    connection: asyncpg.Connection, table: str, parent: str, old: int, new: int
+) -> None:
+    columns = await _columns(connection, table)
+    names = ", ".join(f'"{column}"' for column in columns)
+    values = ", ".join("$2" if column == parent else f'"{column}"' for column in columns)
+    await connection.execute(
+        f'INSERT INTO "{table}" ({names}) SELECT {values} FROM "{table}" WHERE "{parent}" = $1',
+        old,
+        new,
+    )
 
 
 def tree_body(tree: Tree) -> str:
@@ -350,6 +428,10 @@ async def run_wrk(
     match = re.search(r"^WRK_RESULT (.*)$", text, re.MULTILINE)
     if process.returncode != 0 or match is None:
         raise RuntimeError(f"wrk failed ({process.returncode}): {text[-2000:]}")
+    # wrk leaves up to `connections` requests in flight that the server still works off; one
+    # more request waits behind them, so the next measurement starts on an idle server.
+    async with httpx.AsyncClient(timeout=300) as http:
+        await http.post(url, content=bodies[0], headers=all_headers)
     result = LoadResult(**json.loads(match.group(1)))
     if result.requests == 0:
         # No answer within the run: every viewer waited at least that long (wrk reports 0).

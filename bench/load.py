@@ -28,6 +28,7 @@ from figures import Report, add_json_argument
 from harness import (
     CLI,
     Stack,
+    background_settled,
     count_masks,
     default_workers,
     run_wrk,
@@ -71,7 +72,7 @@ async def viewers_with_uploads(
 ) -> tuple[Any, list[dict[str, Any]]]:
     auth = {"Authorization": f"Bearer {built.reader}"}
     url = f"{base_url}/graphql"
-    await run_wrk(url, bodies, auth, connections=args.viewers, seconds=3)  # warm-up
+    await run_wrk(url, bodies, auth, connections=2, seconds=3)  # warm-up
     load = asyncio.create_task(
         run_wrk(url, bodies, auth, connections=args.viewers, seconds=args.seconds)
     )
@@ -97,6 +98,8 @@ async def main_async(args: argparse.Namespace, built: Stack, report: Report, wor
             f"seeded {args.trees} trees of 2x50 in {time.perf_counter() - started:.0f} s",
             flush=True,
         )
+        waited = await background_settled(built)
+        print(f"the validation job reported on every group after {waited:.0f} s", flush=True)
         bodies = [tree_body(tree) for tree in small]
         auth = {"Authorization": f"Bearer {built.reader}"}
         masks = await count_masks(
@@ -161,6 +164,8 @@ async def main_async(args: argparse.Namespace, built: Stack, report: Report, wor
             started = time.perf_counter()
             (big,) = await seed_trees(base_url, built, 1, 10, 1000, "1.2.826.0.1.3680043.12.2")
             print(f"seeded a tree of 10x1000 in {time.perf_counter() - started:.0f} s", flush=True)
+            waited = await background_settled(built)
+            print(f"the validation job reported on every group after {waited:.0f} s", flush=True)
             print("beside the peers:")
             await compare(
                 report, built, base_url, small, big, seconds=args.peer_seconds, workers=args.workers

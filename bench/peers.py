@@ -35,6 +35,7 @@ from figures import Report, add_json_argument, machine
 from harness import (
     Stack,
     Tree,
+    background_settled,
     count_masks,
     default_workers,
     run_wrk,
@@ -200,8 +201,8 @@ async def compare(
         ours_bodies = [tree_body(tree) for tree in small]
         peer_bodies = [peer_body(tree) for tree in small]
         # Warm both (connections, caches, JIT) before the timed runs.
-        await run_wrk(ours, ours_bodies, auth, connections=8, seconds=2)
-        await run_wrk(peer, peer_bodies, {}, connections=8, seconds=2)
+        await run_wrk(ours, ours_bodies, auth, connections=2, seconds=2)
+        await run_wrk(peer, peer_bodies, {}, connections=2, seconds=2)
         mine = await run_wrk(ours, ours_bodies, auth, connections=8, seconds=seconds)
         print(f"  small trees, concurrency 8, ours:         {mine.line()}", flush=True)
         theirs = await run_wrk(peer, peer_bodies, {}, connections=8, seconds=seconds)
@@ -294,6 +295,8 @@ async def seed_for_comparison(
 async def main_async(args: argparse.Namespace, built: Stack, report: Report) -> None:
     async with served(built, args.workers) as base_url:
         small, big = await seed_for_comparison(base_url, built, args.trees)
+        waited = await background_settled(built)
+        print(f"the validation job reported on every group after {waited:.0f} s", flush=True)
         await compare(
             report, built, base_url, small, big, seconds=args.seconds, workers=args.workers
         )
