@@ -45,9 +45,9 @@ class Report:
         """One figure; `at_most`/`at_least` make the goal text and the verdict from the value."""
         ok: bool | None = None
         if at_most is not None:
-            goal, ok = goal or f"<= {at_most:g} {unit}", value <= at_most
+            goal, ok = goal or f"<= {at_most:g} {unit}".strip(), value <= at_most
         elif at_least is not None:
-            goal, ok = goal or f">= {at_least:g} {unit}", value >= at_least
+            goal, ok = goal or f">= {at_least:g} {unit}".strip(), value >= at_least
         figure = Figure(name, float(value), unit, goal, ok, note)
         self.figures.append(figure)
         return figure

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from figures import Report, add_json_argument
 from harness import (
     CLI,
@@ -73,12 +74,7 @@ async def viewers_with_uploads(
     auth = {"Authorization": f"Bearer {built.reader}"}
     url = f"{base_url}/graphql"
     await run_wrk(url, bodies, auth, connections=2, seconds=3)  # warm-up
-    load = asyncio.create_task(
-        run_wrk(url, bodies, auth, connections=args.viewers, seconds=args.seconds)
-    )
-    # The uploads start once the viewers are in full swing.
-    await asyncio.sleep(min(5.0, args.seconds / 10))
-    uploads = await asyncio.gather(
+    uploads = asyncio.gather(
         *(
             asyncio.to_thread(
                 upload, base_url, built.uploader, pngs, f"1.2.826.0.1.3680043.12.9.{n}"
@@ -86,7 +82,31 @@ async def viewers_with_uploads(
             for n in range(args.uploads)
         )
     )
-    return await load, list(uploads)
+    # A loaded machine takes many seconds to start a Python process: the viewers start once
+    # every upload has asked for its URLs, so the two overlap.
+    waited = await uploads_started(built, args.uploads, uploads)
+    print(f"  the uploads asked for URLs after {waited:.0f} s; the viewers start", flush=True)
+    load = await run_wrk(url, bodies, auth, connections=args.viewers, seconds=args.seconds)
+    return load, list(await uploads)
+
+
+async def uploads_started(
+    built: Stack, count: int, uploads: asyncio.Future[Any], timeout: float = 300
+) -> float:
+    started = time.monotonic()
+    connection = await asyncpg.connect(built.database_url)
+    try:
+        while time.monotonic() - started < timeout and not uploads.done():
+            asked = await connection.fetchval(
+                "SELECT count(*) FROM annotation_mask_group"
+                " WHERE model_name = 'bench-load' AND upload_expires_at IS NOT NULL"
+            )
+            if asked >= count:
+                break
+            await asyncio.sleep(0.2)
+    finally:
+        await connection.close()
+    return time.monotonic() - started
 
 
 async def main_async(args: argparse.Namespace, built: Stack, report: Report, work: Path) -> None:
@@ -140,7 +160,7 @@ async def main_async(args: argparse.Namespace, built: Stack, report: Report, wor
             "uploads failed", len(failed), "", at_most=0, note="; ".join(failed)[:300] or None
         )
         if done:
-            slowest = max(item["wall"] for item in done)
+            slowest = max(item["seconds"] for item in done)
             total = sum(item["uploadedSlices"] for item in done)
             rates = [item["uploadedSlices"] / item["seconds"] for item in done]
             report.add(
@@ -153,12 +173,11 @@ async def main_async(args: argparse.Namespace, built: Stack, report: Report, wor
                 "uploads together",
                 total / slowest,
                 "slices/s",
-                note=f"{total} slices by {len(done)} processes, {slowest:.1f} s wall clock (with start-up)",
+                note=f"{total} slices by {len(done)} processes, the slowest in {slowest:.1f} s",
             )
-            if slowest > args.seconds:
-                report.figures[-1].note = (
-                    report.figures[-1].note or ""
-                ) + "; outlasted the viewers' run"
+            if slowest < args.seconds:
+                note = f"{report.figures[-1].note}; done before the viewers' run ended"
+                report.figures[-1].note = note
 
         if not args.no_peers:
             started = time.perf_counter()

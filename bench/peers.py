@@ -308,7 +308,7 @@ def context(built: Stack, workers: int | None) -> dict[str, Any]:
         "postgresql": asyncio.run(postgres_version(built.database_url)),
         "s3": f"SeaweedFS {built.seaweed_version}",
         "wrk": wrk_version(),
-        "workers": workers,
+        "workers": workers or "serve's default (this branch's serve has no --workers)",
     }
 
 

@@ -161,7 +161,7 @@ def environment() -> dict[str, Any]:
 def number(value: float) -> str:
     if not math.isfinite(value):
         return str(value)
-    if value == int(value) and abs(value) >= 1:
+    if value == int(value):
         return f"{int(value):,}"
     size = abs(value)
     digits = 0 if size >= 100 else 1 if size >= 10 else 2 if size >= 0.1 else 3
@@ -206,6 +206,10 @@ MACHINE_ROWS = [
     ("Strawberry", "strawberry-graphql"),
     ("load average at the start", "load_average"),
 ]
+
+
+# Shown once, in the machine table, rather than beside every benchmark.
+MACHINE_KEYS = {"cores", "cpu", "memory_gib", "kernel", "platform", "python", "postgresql"}
 
 
 def render(when: datetime, env: dict[str, Any], outcomes: list[Outcome], notes: list[str]) -> str:
@@ -253,7 +257,7 @@ def render(when: datetime, env: dict[str, Any], outcomes: list[Outcome], notes: 
         context = {
             key: value
             for key, value in (outcome.data.get("context") or {}).items()
-            if key not in env or env[key] != value
+            if key not in MACHINE_KEYS and env.get(key) != value
         }
         if context:
             shown = "; ".join(f"{key}: {cell(value)}" for key, value in context.items())
