@@ -300,7 +300,9 @@ def main() -> None:
         for bench in chosen:
             path = args.from_json / f"{bench.name}.json"
             data = json.loads(path.read_text()) if path.exists() else None
-            outcomes.append(Outcome(bench, data=data, problem=None if data else "not run"))
+            missing = not (HERE / f"{bench.name}.py").exists()
+            problem = f"bench/{bench.name}.py is not on this branch" if missing else "not run"
+            outcomes.append(Outcome(bench, data=data, problem=None if data else problem))
     else:
         json_dir = args.keep_json or Path(tempfile.mkdtemp(prefix="pacs-masks-results-"))
         json_dir.mkdir(parents=True, exist_ok=True)
