@@ -286,7 +286,7 @@ async def seed_for_comparison(
     small = await seed_trees(base_url, built, small_count, 2, 50, "1.2.826.0.1.3680043.12.1")
     (big,) = await seed_trees(base_url, built, 1, 10, 1000, "1.2.826.0.1.3680043.12.2")
     print(
-        f"seeded {small_count} trees of 2x50 and one of 10x1000 through the API in {time.perf_counter() - started:.0f} s",
+        f"seeded {small_count} trees of 2x50 and one of 10x1000 in {time.perf_counter() - started:.0f} s",
         flush=True,
     )
     return small, big
