@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import NoReturn
 
-import uvicorn
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.audit import Actor
@@ -35,13 +34,14 @@ from app.graphql.schema import schema
 from app.jobs import JobContext, JobRunner, owner_name
 from app.log_redaction import RedactSecrets
 from app.logging_setup import configure_logging
-from app.main import JOBS, create_app, open_storage, uvicorn_options
+from app.main import JOBS, open_storage
 from app.models import ApiToken, utcnow
 from app.principals import Principal, Role
 from app.readiness import check_database
 from app.sweeper import SweepReport, sweep
 from app.tokens import count_tokens, create_token, list_tokens, revoke_token
 from app.usage import UsageGrouping, UsageRow, storage_usage, usage_table
+from app.workers import run_server
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -76,7 +76,11 @@ async def _first_start_token(settings: Settings) -> str | None:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    updates = {"host": args.host or settings.host, "port": args.port or settings.port}
+    updates = {
+        "host": args.host or settings.host,
+        "port": args.port or settings.port,
+        "workers": args.workers or settings.workers,
+    }
     settings = settings.model_copy(update=updates)
     configure_logging(settings)
     if settings.auth_disabled and settings.host not in LOOPBACK_HOSTS:
@@ -84,6 +88,14 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             ExitCode.USAGE,
             f"refusing to listen on {settings.host} with AUTH_DISABLED set; "
             "without authentication only a loopback address is allowed",
+        )
+    if settings.workers > 1 and not settings.resolved_database_url.startswith("postgresql"):
+        # SQLite's live events reach only the process that made the change, and its one
+        # writer at a time gains nothing from more processes.
+        raise CommandFailed(
+            ExitCode.USAGE,
+            f"refusing {settings.workers} workers on SQLite: live events would not reach the "
+            "other workers; run one worker (--workers 1) or set DATABASE_URL to PostgreSQL",
         )
     if settings.is_embedded_database:
         ensure_var_dir(settings)
@@ -107,16 +119,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             f"pacs-masks: embedded default, database and storage under {settings.var_dir.resolve()}",
             flush=True,
         )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        # Our handlers (JSON or text); uvicorn's access log would write signed query strings.
-        log_config=None,
-        access_log=False,
-        **uvicorn_options(settings),
-    )
+    # Start-up work above runs once, here; with --workers N this process then supervises.
+    run_server(settings)
     return 0
 
 
@@ -283,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the API server (applies migrations on SQLite)")
     serve.add_argument("--host", help="address to listen on (HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (PORT, default 8000)")
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        help="server processes sharing the port (WORKERS, default 1; more need PostgreSQL)",
+    )
     serve.set_defaults(handler=_serve)
 
     migrate = commands.add_parser("migrate", help="alembic upgrade on DATABASE_URL")

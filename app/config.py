@@ -107,6 +107,8 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = []
     host: str = "127.0.0.1"
     port: int = 8000
+    # Server processes sharing the port (`serve --workers`); more than one needs PostgreSQL.
+    workers: int = Field(1, ge=1)
     log_level: str = "info"
     # auto: human-readable text on a terminal, JSON lines otherwise (log collectors).
     log_format: Literal["auto", "json", "text"] = "auto"

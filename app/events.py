@@ -33,6 +33,7 @@ from sqlalchemy import event, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
+from app.metrics import LIVE_SUBSCRIBERS
 from app.models import MaskGroup, MaskGroupStatus, utcnow
 
 logger = logging.getLogger(__name__)
@@ -199,11 +200,13 @@ class _FanOut:
 
     def add(self, subscriber: EventStream) -> None:
         self._subscribers.setdefault(subscriber.annotation_id, set()).add(subscriber)
+        LIVE_SUBSCRIBERS.inc()
 
     def remove(self, subscriber: EventStream) -> None:
         subscribers = self._subscribers.get(subscriber.annotation_id)
-        if subscribers is not None:
-            subscribers.discard(subscriber)
+        if subscribers is not None and subscriber in subscribers:
+            subscribers.remove(subscriber)
+            LIVE_SUBSCRIBERS.dec()
             if not subscribers:
                 del self._subscribers[subscriber.annotation_id]
 

@@ -134,10 +134,17 @@ class JobRunner:
     async def _loop(self, job: Job) -> None:
         interval = job.interval(self.context.settings)
         wake = self._wakes[job.name]
+        # `serve --workers N` runs this loop in each of its N processes: each polls N times
+        # less often, the first time at a random point of that period, so together they look
+        # for work about once an interval (the lease decides who runs), not N times.
+        processes = self.context.settings.workers
+        period = interval * processes
+        delay = period * (random.uniform(0.9, 1.1) if processes == 1 else random.random())
         while True:
-            # Jitter keeps replicas started together from claiming in lockstep.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), interval * random.uniform(0.9, 1.1))
+                await asyncio.wait_for(wake.wait(), delay)
+            # Jitter keeps replicas started together from claiming in lockstep.
+            delay = period * random.uniform(0.9, 1.1)
             # Cleared before the run: a wake during it means work the run may have missed.
             woken = wake.is_set()
             wake.clear()

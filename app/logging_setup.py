@@ -37,9 +37,10 @@ class _TextFormatter(logging.Formatter):
 
 def _json_formatter() -> logging.Formatter:
     # "time": ISO 8601 in UTC, from the record's own timestamp.
+    # "pid": which worker process of `serve --workers N` wrote the line.
     return JsonFormatter(
-        "%(levelname)s %(name)s %(message)s",
-        rename_fields={"levelname": "level", "name": "logger"},
+        "%(levelname)s %(name)s %(process)d %(message)s",
+        rename_fields={"levelname": "level", "name": "logger", "process": "pid"},
         timestamp="time",
         json_ensure_ascii=False,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from graphql import DocumentNode, FieldNode, OperationDefinitionNode, get_operation_ast
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import event
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -61,6 +61,13 @@ SWEEPS = Counter(f"{PREFIX}_sweeps", "storage sweeps run (dry runs not counted)"
 SWEPT_OBJECTS = Counter(f"{PREFIX}_swept_objects", "objects the sweeper removed, by kind", ["kind"])
 SWEPT_BYTES = Counter(f"{PREFIX}_swept_bytes", "bytes the sweeper removed, by kind", ["kind"])
 SWEEP_ERRORS = Counter(f"{PREFIX}_sweep_errors", "storage errors met by the sweeper")
+# Under `serve --workers N` one series per live worker process (a `pid` label): operators see
+# how the viewers spread over the workers; sum() gives the service's total.
+LIVE_SUBSCRIBERS = Gauge(
+    f"{PREFIX}_live_subscribers",
+    "live mask group event subscriptions open",
+    multiprocess_mode="liveall",
+)
 
 # What committed audited actions add to the counters: (action, slice counter, byte counter).
 _ACTION_COUNTERS = {

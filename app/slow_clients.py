@@ -8,6 +8,9 @@ in by its deadline. A reverse proxy in front should bound them too (docs/securit
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import httptools
 from starlette.exceptions import HTTPException
@@ -59,13 +62,16 @@ class BodyDeadlineMiddleware:
         await self.app(scope, receive_by_deadline, send)
 
 
-class _HeaderDeadlineProtocol(HttpToolsProtocol):
+class HeaderDeadlineProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with a deadline from a connection's (or a request's) first
     byte to the end of its headers, and a cap on their size."""
 
-    header_timeout: float = 10.0
     _header_timer: asyncio.TimerHandle | None = None
     _header_bytes = 0
+
+    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+        self.header_timeout = header_timeout
+        super().__init__(*args, **kwargs)
 
     def _arm(self) -> None:
         if self._header_timer is None:
@@ -119,6 +125,7 @@ class _HeaderDeadlineProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
 
-def header_deadline_protocol(timeout: float) -> type[HttpToolsProtocol]:
-    """The HTTP protocol class for uvicorn (its `http` option)."""
-    return type("HeaderDeadlineProtocol", (_HeaderDeadlineProtocol,), {"header_timeout": timeout})
+def header_deadline_protocol(timeout: float) -> Callable[..., HttpToolsProtocol]:
+    """The HTTP protocol for uvicorn (its `http` option). A partial of a module-level class,
+    not a class made on the fly: `serve --workers` pickles it to each worker process."""
+    return functools.partial(HeaderDeadlineProtocol, header_timeout=timeout)

@@ -10,7 +10,6 @@ TTL and the TTL."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import math
 import time
@@ -20,13 +19,20 @@ from urllib.parse import quote
 from app.config import Settings
 from app.local_storage import load_or_create_secret
 
+try:
+    # OpenSSL's HMAC object, whose copy() is one C call; hmac.HMAC wraps the same object in
+    # Python (a copy costs ~4 µs more, and a tree signs one URL per mask).
+    from _hashlib import hmac_new as keyed_hmac
+except ImportError:  # Python built without OpenSSL
+    keyed_hmac = hmac.new  # type: ignore[assignment]
+
 SECRET_FILE = "view-url-secret"
 SIGNATURE_BYTES = 16
 
 
 class ViewUrlSigner:
     def __init__(self, secret: bytes, ttl_seconds: int) -> None:
-        self._mac = hmac.new(secret, b"pacs-masks view url\n", hashlib.sha256)
+        self._mac = keyed_hmac(secret, b"pacs-masks view url\n", "sha256")
         self.ttl_seconds = ttl_seconds
         self._step = max(1, ttl_seconds // 5)
 

@@ -137,6 +137,17 @@ S3_CLOSED = {
             ExitCode.USAGE,
             ["AUTH_DISABLED"],
         ),
+        # Several workers need PostgreSQL: SQLite's live events stay in their process.
+        (["serve", "--workers", "2"], {}, ExitCode.USAGE, ["2 workers on SQLite", "PostgreSQL"]),
+        (["serve"], {"WORKERS": "3"}, ExitCode.USAGE, ["3 workers on SQLite", "--workers 1"]),
+        (
+            ["serve", "--workers", "2"],
+            {"DATABASE_URL": "sqlite:///{cwd}/x.db"},
+            ExitCode.USAGE,
+            ["workers on SQLite"],
+        ),
+        (["serve", "--workers", "0"], {}, ExitCode.USAGE, ["--workers", "at least 1"]),
+        (["serve"], {"WORKERS": "0"}, ExitCode.CONFIGURATION, ["WORKERS"]),
     ],
 )
 def test_each_failure_is_one_line_and_its_exit_code(

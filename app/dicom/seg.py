@@ -2,18 +2,20 @@
 
 Building: each mask is matched to its source instance (by sopInstanceUid when the mask has
 one, else by sliceIndex along the series geometry, see app/dicom/source.py), its PNG is
-streamed from storage and decoded straight into one label-map volume (uint8, one byte per
-voxel of the slices that have masks) that highdicom encodes as a BINARY SEG, one segment per
-label, frames only where a segment is non-empty. Only if two labels overlap on a pixel does
-the volume become a stack of one boolean plane per segment (highdicom needs that form for
-overlapping segments, and its overlap check then costs ~8 bytes per voxel on top).
+streamed from storage and decoded straight into one mask volume of the slices that have
+masks (app/dicom/seg_volume.py): a label map, one byte per voxel, that highdicom encodes as
+a BINARY SEG, one segment per label, frames only where a segment is non-empty. If two labels
+overlap on a pixel, the same buffer becomes bit flags (still one byte per voxel up to eight
+labels); highdicom then builds the SEG from a stand-in with the same frames and the frames'
+bits are packed from the flags, since highdicom's own input for overlapping segments costs
+9 bytes per voxel plus one per segment. Either way the export holds one volume plus the
+packed frames (twice while they are joined): about two label volumes at its peak.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
@@ -27,6 +29,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from app.dicom.errors import DicomMismatch
+from app.dicom.seg_volume import MaskVolume, pack_overlapping_frames
 from app.dicom.source import SourceSeries
 from app.storage import LABEL_PATTERN, Storage, StorageError
 
@@ -92,34 +95,6 @@ def _positions(group: GroupInfo, masks: Sequence[MaskRef], source: SourceSeries)
     return positions
 
 
-class _Volume:
-    """The decoded masks: a label map while labels do not overlap, else one plane each."""
-
-    def __init__(self, frames: int, rows: int, columns: int, segments: int) -> None:
-        self.segments = segments
-        self.array: np.ndarray[Any, Any] = np.zeros((frames, rows, columns), np.uint8)
-        self.is_stacked = False
-        # Masks are added from decoding threads; two labels of one slice share a plane.
-        self._lock = threading.Lock()
-
-    def add(self, frame: int, segment: int, mask: np.ndarray[Any, Any]) -> None:
-        with self._lock:
-            if not self.is_stacked and np.logical_and(self.array[frame], mask).any():
-                self._stack()
-            if self.is_stacked:
-                self.array[frame, :, :, segment - 1] |= mask
-            else:
-                np.putmask(self.array[frame], mask, segment)
-
-    def _stack(self) -> None:
-        labels = self.array
-        stacked = np.zeros((*labels.shape, self.segments), np.bool_)
-        for segment in range(1, self.segments + 1):
-            np.equal(labels, segment, out=stacked[..., segment - 1])
-        self.array = stacked
-        self.is_stacked = True
-
-
 def decode_mask(data: bytes, where: str, rows: int, columns: int) -> np.ndarray[Any, Any]:
     """A PNG (1-bit, or 8-bit with 0 and one other value) as a boolean plane."""
     try:
@@ -167,7 +142,7 @@ async def _decode_all(
     masks: Sequence[MaskRef],
     frames: Sequence[int],
     segments: Sequence[int],
-    volume: _Volume,
+    volume: MaskVolume,
     source: SourceSeries,
 ) -> None:
     gate = asyncio.Semaphore(FETCH_CONCURRENCY)
@@ -238,7 +213,7 @@ async def build_seg(
     frame_of = {position: frame for frame, position in enumerate(used)}
     labels = sorted({segment_label(group, mask.label_name) for mask in masks})
     number_of = {label: number for number, label in enumerate(labels, start=1)}
-    volume = _Volume(len(used), source.rows, source.columns, len(labels))
+    volume = MaskVolume(len(used), source.rows, source.columns, len(labels))
     await _decode_all(
         storage,
         masks,
@@ -255,28 +230,39 @@ async def build_seg(
         raise DicomMismatch(f"the SEG cannot be built from the source series: {error}") from error
 
 
-def _segmentation(
-    group: GroupInfo, labels: Sequence[str], volume: _Volume, source_images: Sequence[Dataset]
-) -> hd.seg.Segmentation:
+def seg_options(group: GroupInfo, labels: Sequence[str]) -> dict[str, Any]:
+    """highdicom's Segmentation arguments besides the source images and the pixels."""
     name = group.group_name or group.model_name or f"mask group {group.group_id}"
-    return hd.seg.Segmentation(
+    return {
+        "segmentation_type": hd.seg.SegmentationTypeValues.BINARY,
+        "segment_descriptions": _segment_descriptions(group, labels),
+        "series_instance_uid": generate_uid(),
+        "series_number": SEG_SERIES_NUMBER,
+        "sop_instance_uid": generate_uid(),
+        "instance_number": 1,
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": MANUFACTURER,
+        "software_versions": package_version("pacs-masks"),
+        "device_serial_number": "0",
+        "content_label": "MASKS",
+        "content_description": (group.description or f"pacs-masks group {group.group_id}")[:64],
+        "series_description": f"SEG {name}"[:64],
+        "omit_empty_frames": True,
+    }
+
+
+def _segmentation(
+    group: GroupInfo, labels: Sequence[str], volume: MaskVolume, source_images: Sequence[Dataset]
+) -> hd.seg.Segmentation:
+    seg = hd.seg.Segmentation(
         source_images=source_images,
-        pixel_array=volume.array,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=_segment_descriptions(group, labels),
-        series_instance_uid=generate_uid(),
-        series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MANUFACTURER,
-        software_versions=package_version("pacs-masks"),
-        device_serial_number="0",
-        content_label="MASKS",
-        content_description=(group.description or f"pacs-masks group {group.group_id}")[:64],
-        series_description=f"SEG {name}"[:64],
-        omit_empty_frames=True,
+        pixel_array=volume.pixel_array(),
+        **seg_options(group, labels),
     )
+    if volume.overlaps:
+        # Built from a stand-in: see app/dicom/seg_volume.py for why.
+        pack_overlapping_frames(seg, volume, source_images)
+    return seg
 
 
 def summary(seg: Dataset) -> SegSummary:

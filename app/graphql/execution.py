@@ -10,27 +10,37 @@ standard path, so results and errors are the same either way."""
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Callable
 from typing import Any
 
 from graphql import (
+    GraphQLBoolean,
     GraphQLEnumType,
+    GraphQLID,
     GraphQLList,
+    GraphQLNamedType,
     GraphQLNonNull,
     GraphQLObjectType,
     GraphQLOutputType,
     GraphQLResolveInfo,
     GraphQLScalarType,
+    GraphQLString,
 )
 from graphql.execution.collect_fields import FieldDetailsList
 from graphql.pyutils import AwaitableOrValue, Path
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 from strawberry.types.field import StrawberryField
 
+from app.graphql.collector import collector_paused
+
 STRAWBERRY_DEFINITION = "strawberry-definition"
 
-# (response key, value getter, serializer, is_nullable)
-PlainField = tuple[str, Callable[[Any], Any], Callable[[Any], Any], bool]
+# (response key, value getter, serializer, is_nullable, type its serializer returns as is)
+PlainField = tuple[str, Callable[[Any], Any], Callable[[Any], Any], bool, type | None]
+# Values of exactly these types are their own serialized form (graphql-core returns them
+# unchanged), so the serializer call is skipped for them; Int and Float check ranges.
+UNCHANGED: dict[GraphQLNamedType, type] = {GraphQLString: str, GraphQLID: str, GraphQLBoolean: bool}
 
 
 class _NotPlain(Exception):
@@ -42,12 +52,7 @@ def _getter(field: StrawberryField) -> Callable[[Any], Any] | None:
         return None
     resolver = field.base_resolver
     if resolver is None:
-        name = field.python_name
-
-        def attribute(item: Any) -> Any:
-            return getattr(item, name)
-
-        return attribute
+        return operator.attrgetter(field.python_name)
     function = resolver.wrapped_func
     if not inspect.isfunction(function) or resolver.is_async:
         return None
@@ -109,7 +114,7 @@ class FastListExecutionContext(StrawberryGraphQLCoreExecutionContext):
             node = details[0].node
             name = node.name.value
             if name == "__typename":
-                plan.append((response_key, _constant(item_type.name), str, False))
+                plan.append((response_key, _constant(item_type.name), str, False, None))
                 continue
             field_def = item_type.fields.get(name)
             strawberry_field = (
@@ -133,20 +138,20 @@ class FastListExecutionContext(StrawberryGraphQLCoreExecutionContext):
 
     def _serializer(
         self, output_type: GraphQLOutputType, details: FieldDetailsList
-    ) -> tuple[Callable[[Any], Any], bool] | None:
+    ) -> tuple[Callable[[Any], Any], bool, type | None] | None:
         """How to complete a field's value: scalars serialize; plain objects and lists of
         them complete by their own plan (HttpHeader lists under upload targets, say)."""
         named, is_nullable = _unwrap(output_type)
         if isinstance(named, GraphQLScalarType | GraphQLEnumType):
-            return named.serialize, is_nullable
+            return named.serialize, is_nullable, UNCHANGED.get(named)
         if isinstance(named, GraphQLObjectType):
             plan = self._plain_plan(named, details)
-            return (_object_completer(plan), is_nullable) if plan is not None else None
+            return (_object_completer(plan), is_nullable, None) if plan is not None else None
         if isinstance(named, GraphQLList):
             item = self._serializer(named.of_type, details)
             if item is None:
                 return None
-            return _list_completer(*item), is_nullable
+            return _list_completer(item[0], item[1]), is_nullable, None
         return None
 
     def complete_list_value(
@@ -165,7 +170,8 @@ class FastListExecutionContext(StrawberryGraphQLCoreExecutionContext):
             plan = self._plain_plan(item_type, field_details_list)
             if plan is not None:
                 try:
-                    return [_complete(item, plan) for item in result]
+                    with collector_paused():
+                        return [_complete(item, plan) for item in result]
                 except _NotPlain:
                     pass
         return super().complete_list_value(
@@ -175,12 +181,14 @@ class FastListExecutionContext(StrawberryGraphQLCoreExecutionContext):
 
 def _complete(item: Any, plan: list[PlainField]) -> dict[str, Any]:
     completed: dict[str, Any] = {}
-    for response_key, getter, serialize, nullable in plan:
+    for response_key, getter, serialize, nullable, unchanged in plan:
         value = getter(item)
         if value is None:
             if not nullable:
                 raise _NotPlain
             completed[response_key] = None
+        elif type(value) is unchanged:
+            completed[response_key] = value
         else:
             completed[response_key] = serialize(value)
     return completed

@@ -31,6 +31,8 @@ class MaskFilter:
     label_name: str | None = None
     limit: int | None = None
     offset: int = 0
+    # The columns to load (always with mask_group_id); None loads every column.
+    columns: tuple[str, ...] | None = None
 
 
 def _by_key(rows: Sequence[Row[Any]], keys: Sequence[Hashable], column: str) -> list[Any]:
@@ -52,8 +54,12 @@ class Loaders:
         self.mask_group = DataLoader(self._mask_groups)
         self.mask = DataLoader(self._masks_by_id)
         self.groups_of_annotation = DataLoader(self._groups_of_annotations)
+        # Not cached, and every load gets a list of its own that the caller may empty once
+        # consumed (MaskGroup.masks does): a finished batch keeps its futures, and so its
+        # results, until the request ends, and a big tree must not hold every row and every
+        # completed mask at once. A key asked twice in one batch is still one query.
         self.masks_of_group: DataLoader[tuple[int, MaskFilter], list[Row[Any]]] = DataLoader(
-            self._masks_of_groups
+            self._masks_of_groups, cache=False
         )
         self.slice_indexes_of_group = DataLoader(self._slice_indexes_of_groups)
         self.validation_of_group = DataLoader(self._validations_of_groups)
@@ -91,7 +97,7 @@ class Loaders:
     async def _masks_of_groups(self, keys: list[tuple[int, MaskFilter]]) -> list[list[Row[Any]]]:
         # One query per distinct filter in the batch; a tree asks with one filter, so one query.
         by_filter: dict[MaskFilter, list[int]] = defaultdict(list)
-        for group_id, mask_filter in keys:
+        for group_id, mask_filter in dict.fromkeys(keys):
             by_filter[mask_filter].append(group_id)
         results: dict[tuple[int, MaskFilter], list[Row[Any]]] = {}
         for mask_filter, group_ids in by_filter.items():
@@ -99,7 +105,7 @@ class Loaders:
             grouped = _grouped(rows, group_ids, "mask_group_id")
             for group_id, group_rows in zip(group_ids, grouped, strict=True):
                 results[(group_id, mask_filter)] = group_rows
-        return [results[key] for key in keys]
+        return [list(results[key]) for key in keys]
 
     async def _validations_of_groups(self, ids: list[int]) -> list[ValidationReport | None]:
         async with self._sessionmaker() as session:
@@ -135,22 +141,22 @@ def _masks_statement(group_ids: list[int], mask_filter: MaskFilter) -> Select[An
         conditions.append(mask_table.c.slice_index <= mask_filter.slice_index_to)
     if mask_filter.label_name is not None:
         conditions.append(mask_table.c.label_name == mask_filter.label_name)
+    names = mask_table.columns.keys() if mask_filter.columns is None else mask_filter.columns
+    columns = [mask_table.c[name] for name in dict.fromkeys(("mask_group_id", *names))]
     if mask_filter.limit is None and mask_filter.offset == 0:
-        return (
-            select(mask_table).where(*conditions).order_by(mask_table.c.mask_group_id, *MASK_ORDER)
-        )
+        return select(*columns).where(*conditions).order_by(mask_table.c.mask_group_id, *MASK_ORDER)
     # Paging applies per group, so number each group's masks and cut in one statement.
     position = (
         func.row_number()
         .over(partition_by=mask_table.c.mask_group_id, order_by=MASK_ORDER)
         .label("position")
     )
-    numbered = select(mask_table, position).where(*conditions).subquery()
+    numbered = select(*columns, position).where(*conditions).subquery()
     window = [numbered.c.position > mask_filter.offset]
     if mask_filter.limit is not None:
         window.append(numbered.c.position <= mask_filter.offset + mask_filter.limit)
     return (
-        select(*(numbered.c[column.name] for column in mask_table.columns))
+        select(*(numbered.c[column.name] for column in columns))
         .where(*window)
         .order_by(numbered.c.mask_group_id, numbered.c.position)
     )

@@ -2,21 +2,24 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any, ClassVar, NewType, Self, TypeVar
+from typing import Any, NewType, TypeVar
 
 import strawberry
 from strawberry.scalars import JSON
 from strawberry.schema.name_converter import NameConverter
 from strawberry.types.base import StrawberryOptional
-from strawberry.types.enum import StrawberryEnumDefinition
 from strawberry.types.private import is_private
 from strawberry.types.scalar import ScalarDefinition
 
+from app.graphql.collector import collector_paused
 from app.graphql.context import Info
 from app.graphql.group_validation import ValidationReport
 from app.graphql.loaders import MaskFilter
+from app.graphql.rows import FromRow
+from app.graphql.selections import needed_columns, selected_names
 from app.models import utcnow
 from app.principals import Role
 from app.storage import SignedRequest
@@ -70,43 +73,6 @@ strawberry.enum(
 class Principal:
     user: str
     role: Role
-
-
-def _identity(value: Any) -> Any:
-    return value
-
-
-def _row_converter(field_type: Any) -> Callable[[Any], Any]:
-    if isinstance(field_type, StrawberryOptional):
-        field_type = field_type.of_type
-    if field_type is strawberry.ID:
-        convert: Callable[[Any], Any] = lambda value: strawberry.ID(str(value))
-    elif isinstance(field_type, StrawberryEnumDefinition):
-        # The models' enums share the values of the GraphQL ones; Core rows may hold strings.
-        wrapped = field_type.wrapped_cls
-        convert = lambda value: wrapped(getattr(value, "value", value))
-    else:
-        return _identity
-    return lambda value: None if value is None else convert(value)
-
-
-class FromRow:
-    """`from_row` for output types: every plain field copied from the row's attribute of the
-    same name (ids as strings, enums by value); resolver fields are left to their resolvers."""
-
-    _row_plans: ClassVar[dict[type, list[tuple[str, Callable[[Any], Any]]]]] = {}
-
-    @classmethod
-    def from_row(cls, row: Any) -> Self:
-        plan = FromRow._row_plans.get(cls)
-        if plan is None:
-            plan = [
-                (field.python_name, _row_converter(field.type))
-                for field in cls.__strawberry_definition__.fields  # type: ignore[attr-defined]
-                if field.base_resolver is None and not is_private(field.type)
-            ]
-            FromRow._row_plans[cls] = plan
-        return cls(**{name: convert(getattr(row, name)) for name, convert in plan})
 
 
 def fields_of(source: Any, **overrides: Any) -> dict[str, Any]:
@@ -265,9 +231,18 @@ class MaskGroup(FromRow):
         offset: int = 0,
     ) -> list[Mask]:
         check_page(limit, offset)
-        mask_filter = MaskFilter(slice_index_from, slice_index_to, label_name, limit, offset)
+        columns = needed_columns(selected_names(info.selected_fields), mask_columns())
+        mask_filter = MaskFilter(
+            slice_index_from, slice_index_to, label_name, limit, offset, columns
+        )
         rows = await info.context.loaders.masks_of_group.load((int(self.id), mask_filter))
-        return [Mask.with_view_urls(row, info.context.view_urls) for row in rows]
+        view_urls = info.context.view_urls
+        with collector_paused():
+            masks = Mask.from_rows(
+                rows, view_urls=view_urls, view_expires=view_urls.current_expiry()
+            )
+        rows.clear()  # ours alone (see Loaders.masks_of_group): freed group by group
+        return masks
 
 
 @strawberry.type
@@ -292,11 +267,14 @@ class Mask(FromRow):
     )
     created_at: datetime
     view_urls: strawberry.Private[ViewUrlSigner | None] = None
+    # One expiry for a whole list: the clock is read once, not once per mask.
+    view_expires: strawberry.Private[int | None] = None
 
     @classmethod
-    def with_view_urls(cls, row: Any, view_urls: ViewUrlSigner) -> Mask:
+    def with_view_urls(cls, row: Any, view_urls: ViewUrlSigner, expires: int | None = None) -> Mask:
         mask = cls.from_row(row)
         mask.view_urls = view_urls
+        mask.view_expires = expires
         return mask
 
     @strawberry.field(description="presigned GET for the stored object")
@@ -313,12 +291,36 @@ class Mask(FromRow):
     def view_url(self) -> str:
         if self.view_urls is None:
             raise TypeError("Mask built without Mask.with_view_urls")
+        expires = self.view_expires
         return self.view_urls.url(
             self.mask_group_id,
             self.slice_index,
             self.label_name,
-            self.view_urls.current_expiry(),
+            self.view_urls.current_expiry() if expires is None else expires,
         )
+
+
+# The columns each resolver field of Mask reads (its plain fields read their own).
+MASK_RESOLVER_COLUMNS = {
+    "download_url": ("file_path",),
+    "view_url": ("mask_group_id", "slice_index", "label_name"),
+}
+
+
+@functools.cache
+def mask_columns() -> dict[str, tuple[str, ...]]:
+    """Mask's GraphQL field names and the columns they read; a resolver field not in
+    MASK_RESOLVER_COLUMNS is left out, so selecting it loads every column."""
+    converter = NameConverter()
+    columns: dict[str, tuple[str, ...]] = {}
+    for field in Mask.__strawberry_definition__.fields:  # type: ignore[attr-defined]
+        if is_private(field.type):
+            continue
+        if field.base_resolver is None:
+            columns[converter.from_field(field)] = (field.python_name,)
+        elif field.python_name in MASK_RESOLVER_COLUMNS:
+            columns[converter.from_field(field)] = MASK_RESOLVER_COLUMNS[field.python_name]
+    return columns
 
 
 @strawberry.type

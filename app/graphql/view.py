@@ -10,6 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from graphql import (
     DocumentNode,
     GraphQLError,
@@ -268,8 +269,18 @@ def _respond(
 ) -> Response:
     # Answers hold patient data: no shared or browser cache keeps them.
     return Response(
-        json.dumps(payload, separators=(",", ":"), ensure_ascii=False),
+        _encode(payload),
         status_code=status,
         media_type=media,
         headers={"Cache-Control": "no-store", **(headers or {})},
     )
+
+
+def _encode(payload: dict[str, Any]) -> bytes:
+    """orjson writes UTF-8 bytes in one C pass: for big trees the standard encoder's chunk
+    list was the server's peak memory and a third of its time. What orjson refuses (integers
+    past 64 bits, in a JSON scalar say) goes through the standard encoder, as before."""
+    try:
+        return orjson.dumps(payload)
+    except TypeError:
+        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
