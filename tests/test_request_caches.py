@@ -33,7 +33,11 @@ DOCUMENTS: list[tuple[str, dict[str, Any] | None, str | None]] = [
     ("query Who { me { user } }\nquery Role { me { role } }", None, "Role"),
     ("{ me { user nosuch } }", None, None),
     ("{ me { nosuch }\n  annotation { id } }", None, None),
-    ("{ me { ...A } } fragment A on Principal { ...B } fragment B on Principal { ...A }", None, None),
+    (
+        "{ me { ...A } } fragment A on Principal { ...B } fragment B on Principal { ...A }",
+        None,
+        None,
+    ),
     ("query($id: ID!) { annotation(id: $id) { id } }", {"id": [1, 2]}, None),
     ("query($id: ID!) { annotation(id: $id) { id } }", {}, None),
     ("query($id: ID!) { annotation(id: $id) { maskGroups { masks { nosuch } } } }", None, None),
@@ -157,14 +161,16 @@ async def test_answers_are_the_same_with_and_without_the_cache(
         ("{ " + " ".join(f"a{i}: me {{ user }}" for i in range(60)) + " }", None),
     ]
     settings = stack.settings.model_copy(update={"graphql_document_cache_size": 0})
-    async with serve(settings) as (_, base_url):
-        async with httpx.AsyncClient(base_url=base_url, headers=stack.auth()) as uncached:
-            for query, variables in documents:
-                answers = set()
-                for client in (stack.client, stack.client, uncached, uncached):
-                    response = await _post(client, query, variables)
-                    answers.add((response.status_code, response.text))
-                assert len(answers) == 1, answers
+    async with (
+        serve(settings) as (_, base_url),
+        httpx.AsyncClient(base_url=base_url, headers=stack.auth()) as uncached,
+    ):
+        for query, variables in documents:
+            answers = set()
+            for client in (stack.client, stack.client, uncached, uncached):
+                response = await _post(client, query, variables)
+                answers.add((response.status_code, response.text))
+            assert len(answers) == 1, answers
 
 
 # --- API tokens ------------------------------------------------------------------------------
