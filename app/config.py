@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     max_query_tokens: int = Field(20_000, ge=100)
     max_query_cost: int = Field(200_000, ge=1)
     # Admitted documents (parsed, limits checked, validated) kept per process, by query text.
-    graphql_document_cache_size: int = Field(256, ge=0)
+    graphql_document_cache_size: int = Field(128, ge=0)
     # Seconds an API token's lookup is reused by a process: a revoked token keeps working
     # on each process for at most this long (0: looked up on every request).
     token_cache_seconds: float = Field(5, ge=0, le=60)

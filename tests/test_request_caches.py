@@ -18,7 +18,7 @@ from app.auth import authenticate
 from app.db import transaction
 from app.errors import Unauthenticated
 from app.graphql.context import Context
-from app.graphql.documents import DocumentCache, PreparedDocument
+from app.graphql.documents import MAX_KEPT_QUERY_CHARS, DocumentCache, PreparedDocument
 from app.graphql.schema import create_schema
 from app.graphql.view import format_error
 from app.models import utcnow
@@ -113,6 +113,8 @@ def test_refused_and_unparsable_documents_are_refused_every_time() -> None:
                 cache.admit(query)
     assert cache.admit("{ me { ") is None  # execution reports the syntax error
     assert cache.admit("{ me { user } }") is cache.admit("{ me { user } }")
+    padded = "{ me { user } }" + " " * MAX_KEPT_QUERY_CHARS  # admitted, too long to keep
+    assert cache.admit(padded) is not cache.admit(padded)
     uncached = DocumentCache(size=0, max_tokens=100, max_depth=3, max_aliases=1)
     assert uncached.admit("{ me { user } }") is not uncached.admit("{ me { user } }")
 

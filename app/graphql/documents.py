@@ -19,9 +19,11 @@ from strawberry.extensions import SchemaExtension
 
 from app.graphql.limits import check_document
 
-# Longer texts are admitted without being kept, so that the cache's memory stays bounded
-# (a 20,000-token document parses to several MB): a viewer's queries are a few hundred bytes.
-MAX_KEPT_QUERY_CHARS = 8 * 1024
+# Longer texts are admitted without being kept, so that the cache's memory stays bounded: a
+# document parses to at most ~270 bytes per character (one-character fields, every token
+# kept by the locations), so 128 kept documents hold at most ~35 MB; the viewer's and the
+# client's queries are under 400 characters (~15-40 KB parsed).
+MAX_KEPT_QUERY_CHARS = 1024
 
 
 @dataclass(slots=True)
