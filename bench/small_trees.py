@@ -6,9 +6,10 @@ clients (this process, aiohttp: far cheaper per request than httpx, so the load 
 takes less of the CPU it shares with the server) send the README's step-6 tree query for a
 fixed time each. Prints requests/s, client latency p50/p95/p99, the server's own time
 (Server-Timing) and requests per second of server CPU time (the per-core figure: it does not
-depend on what else the machine runs).
+depend on what else the machine runs; with `--workers N`, of every worker process).
 
     .venv/bin/python bench/small_trees.py [--concurrency 8,50] [--seconds 15] [--json PATH]
+        [--query readme|viewer] [--workers N] [--py-spy out.svg]
 """
 
 from __future__ import annotations
@@ -77,10 +78,24 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (`serve --workers N` runs its workers as child processes)."""
+    found = [pid]
+    for process in found:
+        for task in Path(f"/proc/{process}/task").glob("*/children"):
+            found.extend(int(child) for child in task.read_text().split())
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (and its reaped children), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+    """User + system CPU time of a process and its descendants, from /proc."""
+    ticks = 0
+    for process in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        ticks += sum(int(value) for value in fields[11:13])  # utime stime
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -277,7 +292,11 @@ def main() -> None:
         dest="py_spy",
         help="profile the server during the first level (py-spy: .svg, .json or raw stacks)",
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="serve --workers N (where serve has it)"
+    )
     args = parser.parse_args()
+    workers = ["--workers", str(args.workers)] if args.workers > 1 else []
     levels = [int(level) for level in args.concurrency.split(",")]
 
     created = None
@@ -296,6 +315,7 @@ def main() -> None:
         "postgresql": asyncio.run(postgres_version(database_url)),
         "tree": f"{GROUPS} groups x {MASKS_PER_GROUP} masks, {args.query} query",
         "seconds": args.seconds,
+        "workers": args.workers,
     }
     try:
         for name, value in context.items():
@@ -316,7 +336,7 @@ def main() -> None:
         log = Path(workdir.name) / "server.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
-                [cli, "serve", "--port", str(port)],
+                [cli, "serve", "--port", str(port), *workers],
                 env=env,
                 cwd=workdir.name,
                 stdin=subprocess.DEVNULL,
