@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import subprocess
+import sys
 from pathlib import Path
 
 APP = Path(__file__).resolve().parent.parent / "app"
@@ -68,6 +70,12 @@ def test_no_import_cycles_in_app() -> None:
     assert _cycles() == []
 
 
+# The modules that load the DICOM stack (highdicom, pydicom, NumPy, dicomweb-client: ~70 MB
+# per process) are imported where an export or import runs, so a server process that never
+# exports does not carry it. They still count in the layers and cycles above.
+LOADED_WHEN_USED = {"app.dicom.imports", "app.dicom.pacs", "app.dicom.seg", "app.dicom.source"}
+
+
 def test_app_modules_are_imported_at_module_top() -> None:
     nested: list[str] = []
     for name, path in MODULES.items():
@@ -75,9 +83,24 @@ def test_app_modules_are_imported_at_module_top() -> None:
         top = {id(node) for node in tree.body}
         for node in ast.walk(tree):
             is_nested = isinstance(node, ast.Import | ast.ImportFrom) and id(node) not in top
-            if is_nested and any(target in MODULES for target in _imported(node)):
+            if is_nested and {t for t in _imported(node) if t in MODULES} - LOADED_WHEN_USED:
                 nested.append(f"{name}:{node.lineno}")
     assert nested == []
+
+
+def test_a_server_process_does_not_load_the_dicom_stack() -> None:
+    # What `pacs-masks serve` and each of its workers import before any request.
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, app.main, app.cli, app.workers; print(' '.join(sorted(sys.modules)))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert {"highdicom", "pydicom", "dicomweb_client"} & set(loaded) == set()
 
 
 def test_cycle_detection_finds_a_hidden_cycle() -> None:
@@ -151,6 +174,7 @@ LAYERS = [
             "app.usage",
             # DICOM SEG: domain reads, storage and the PACS; transport calls it.
             "app.dicom",
+            "app.dicom.refs",
             "app.dicom.source",
             "app.dicom.pacs",
             "app.dicom.seg",

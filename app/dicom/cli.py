@@ -7,22 +7,26 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import pydicom
-from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.audit import Actor
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker
 from app.dicom.export import group_seg
-from app.dicom.imports import import_seg
-from app.dicom.seg import summary
 from app.errors import AppError, BadUserInput
 from app.main import open_storage
 from app.storage import StorageError
 
 
 async def _with_resources(settings: Settings, args: argparse.Namespace, actor: Actor) -> str:
+    # The DICOM stack is loaded by these commands only, not by every `pacs-masks` command
+    # (`serve` among them).
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from app.dicom.imports import import_seg
+    from app.dicom.seg import summary
+
     engine = create_engine(settings.resolved_database_url)
     storage = await open_storage(settings)
     try:

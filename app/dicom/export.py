@@ -20,9 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import highdicom as hd
 from sqlalchemy import Row, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -30,9 +29,7 @@ from app.audit import Actor, record
 from app.config import Settings
 from app.db import transaction
 from app.dicom.errors import PacsNotConfigured
-from app.dicom.pacs import Pacs
-from app.dicom.seg import GroupInfo, MaskRef, SegSummary, build_seg, summary
-from app.dicom.source import SourceSeries, read_source_dir
+from app.dicom.refs import GroupInfo, MaskRef, SegSummary
 from app.errors import AppError, BadUserInput, Conflict, NotFound
 from app.jobs import JobContext
 from app.models import (
@@ -46,6 +43,11 @@ from app.models import (
 )
 from app.principals import require_owner
 from app.storage import Storage, StorageError
+
+if TYPE_CHECKING:
+    import highdicom as hd
+
+    from app.dicom.pacs import Pacs
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +218,11 @@ async def group_seg(
 ) -> hd.seg.Segmentation:
     """The group's SEG, built now, aligned to its source series read from `source_dir` when
     given, else from the PACS (no transaction is held while it is built)."""
+    # The DICOM stack is loaded by the first export, not by every server process.
+    from app.dicom.pacs import Pacs
+    from app.dicom.seg import build_seg
+    from app.dicom.source import read_source_dir
+
     async with sessionmaker() as session:
         export_source = await load_export_source(session, group_id)
     if source_dir is not None:
@@ -237,7 +244,9 @@ async def group_seg(
 
 
 async def export_to_pacs(storage: Storage, pacs: Pacs, export_source: ExportSource) -> SegSummary:
-    source: SourceSeries = await pacs.source_series(
+    from app.dicom.seg import build_seg, summary
+
+    source = await pacs.source_series(
         export_source.study_instance_uid, export_source.series_instance_uid
     )
     seg = await build_seg(storage, export_source.group, export_source.masks, source)
@@ -256,6 +265,8 @@ async def run_export(
     group_id = await _claim(sessionmaker, job_id, utcnow())
     if group_id is None:
         return None
+    from app.dicom.pacs import Pacs
+
     pacs: Pacs | None = None
     try:
         async with sessionmaker() as session:

@@ -6,9 +6,8 @@ import asyncio
 import logging
 import tempfile
 from collections.abc import AsyncIterator
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-from pydicom.dataset import Dataset
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -19,6 +18,9 @@ from app.errors import AppError, BadUserInput, Conflict, NotFound
 from app.routes import authentication_refusal
 from app.state import services_of
 from app.storage import StorageError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 logger = logging.getLogger(__name__)
 

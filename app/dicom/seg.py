@@ -29,6 +29,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from app.dicom.errors import DicomMismatch
+from app.dicom.refs import GroupInfo, MaskRef, SegSummary
 from app.dicom.seg_volume import MaskVolume, pack_overlapping_frames
 from app.dicom.source import SourceSeries
 from app.storage import LABEL_PATTERN, Storage, StorageError
@@ -38,32 +39,6 @@ MANUFACTURER = "pacs-masks"
 FETCH_CONCURRENCY = 16
 SEG_SERIES_NUMBER = 9000
 UNLABELLED_SEGMENT = "mask"
-
-
-@dataclass(frozen=True, slots=True)
-class MaskRef:
-    slice_index: int
-    label_name: str | None
-    sop_instance_uid: str | None
-    file_path: str
-
-
-@dataclass(frozen=True, slots=True)
-class GroupInfo:
-    group_id: int
-    group_name: str | None
-    model_name: str | None
-    version: str | None
-    description: str | None
-    slice_count: int
-
-
-@dataclass(frozen=True, slots=True)
-class SegSummary:
-    series_instance_uid: str
-    sop_instance_uid: str
-    segment_count: int
-    frame_count: int
 
 
 def segment_label(group: GroupInfo, label_name: str | None) -> str:

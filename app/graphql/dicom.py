@@ -7,7 +7,6 @@ import strawberry
 
 from app.db import transaction
 from app.dicom.export import EXPORT_JOB, request_export
-from app.dicom.imports import import_seg
 from app.graphql.context import Info
 from app.graphql.types import DicomExport, MaskGroup
 from app.models import DicomExportStatus, utcnow
@@ -42,6 +41,9 @@ class DicomMutation:
         series_instance_uid: str,
         sop_instance_uid: str,
     ) -> MaskGroup:
+        # The DICOM stack is loaded by the first import, not by every server process.
+        from app.dicom.imports import import_seg
+
         context = info.context
         group = await import_seg(
             context.sessionmaker,
