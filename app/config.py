@@ -114,6 +114,8 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = "auto"
     metrics_token: str | None = Field(None, min_length=16)
     metrics_public: bool = False
+    # Freeze start-up objects and collect young garbage less often (app.gc_tuning).
+    gc_tuning: bool = True
 
     @field_validator(
         "allowed_content_types",

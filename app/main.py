@@ -20,6 +20,7 @@ from app.db import create_engine, create_sessionmaker
 from app.dicom import routes as dicom_routes
 from app.dicom.export import EXPORT_JOB, export_job
 from app.events import create_event_bus
+from app.gc_tuning import tune_gc
 from app.graphql.cost import QueryCost
 from app.graphql.live import LiveGraphQL
 from app.graphql.schema import create_schema
@@ -37,6 +38,7 @@ from app.storage import Storage
 from app.sweeper import sweep_job
 from app.validation_job import validation_job
 from app.view_urls import ViewUrlSigner
+from app.warmup import warm_up
 
 # Background jobs every `serve` runs (see app.jobs): name, function, on/off and interval setting.
 JOBS = [
@@ -102,6 +104,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             context = JobContext(settings, sessionmaker, storage, owner_name(), events)
             runner = JobRunner(context, JOBS)
             runner.start()
+            await warm_up(schema, settings, sessionmaker, storage, runner, events)
+            restore_gc = tune_gc(settings.gc_tuning)
             try:
                 yield {
                     "services": Services(
@@ -116,6 +120,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     )
                 }
             finally:
+                restore_gc()
                 await runner.stop()
                 await events.aclose()
                 await storage.aclose()

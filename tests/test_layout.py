@@ -132,7 +132,7 @@ LAYERS = [
             "app.client.watch",
         },
     ),
-    ("base", {"app.config", "app.errors", "app.dicom.errors"}),
+    ("base", {"app.config", "app.errors", "app.dicom.errors", "app.gc_tuning"}),
     (
         "models and storage",
         {
@@ -187,6 +187,7 @@ LAYERS = [
         "transport",
         {
             "app.main",
+            "app.warmup",
             "app.state",
             "app.routes",
             "app.auth",
