@@ -1,40 +1,56 @@
-"""Python's cyclic garbage collector, set for a server whose requests build large batches.
+"""Python's cyclic garbage collector in a server whose requests build large batches.
 
-Large requests (5000 upload URLs, a 10 x 1000 tree) allocate hundreds of thousands of
-container objects that live until the response is written; with CPython's default threshold
-(a young collection every 700 net allocations) each of them is traversed by several young
-collections and the survivors again by full collections, which also walk every object
-imported at start-up (schema, SQLAlchemy and botocore metadata: ~250,000 objects). That was
-25-40 % of such requests. After start-up the long-lived objects are frozen (`gc.freeze`:
-moved to a generation the collector never scans) and young collections run ~70 times less
-often. Almost all garbage here is freed by reference counting at once; the collector only
-finds cycles, whose memory waits a little longer with the higher threshold (bench/batches.py
-shows the peak RSS either way). GC_TUNING=false keeps CPython's defaults, for comparison."""
+CPython's full collections walk every tracked object, and after start-up that is mostly what
+was imported and built once (modules, the schema, SQLAlchemy's and botocore's metadata:
+~250,000 objects here), which no collection will ever free. A 5000-slice
+requestMaskUploadUrls spent 16-380 ms (median ~215 ms) in the collector that way. Once
+start-up is over those objects are frozen (`gc.freeze`: moved to a generation the collector
+never scans); the same request then spends ~30-100 ms in it.
+
+The thresholds stay CPython's (a young collection per 700 net allocations). Fewer
+collections were measured too (young thresholds of 3000 to 50,000; bench/batches.py and the
+notes in README's "Batch figures") and cut the collector's time to ~10 ms, but every large
+request then leaves its reference cycles for a full collection that comes much later: the
+server's memory grew by 4-6 MiB with each 5000-slice request instead of staying flat.
+GC_TUNING=false leaves the collector alone, for comparison. Either way each answer's
+Server-Timing carries `gc;dur=MS`, the time its request spent in collections."""
 
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Callable
+from typing import Any
 
-# (young, middle, old): a young collection per 50,000 net allocations, a middle one every 20
-# young ones and a full one every 10 middle ones (CPython: 700, 10, 10).
-THRESHOLDS = (50_000, 20, 10)
+from app.logging_setup import add_server_timing
 
 
 def tune_gc(enabled: bool) -> Callable[[], None]:
     """Called once everything long-lived exists (the end of the app's start-up); returns what
-    undoes it at shutdown: the frozen objects go back to the collector and the thresholds are
-    restored, so a process that runs the app more than once (the tests) frees what each run
-    leaves behind."""
-    if not enabled:
-        return lambda: None
-    previous = gc.get_threshold()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*THRESHOLDS)
+    undoes it at shutdown: the frozen objects go back to the collector, so a process that runs
+    the app more than once (the tests) frees what each run leaves behind."""
+    timer = _CollectionTimer()
+    gc.callbacks.append(timer)
+    if enabled:
+        gc.collect()
+        gc.freeze()
 
     def restore() -> None:
-        gc.set_threshold(*previous)
-        gc.unfreeze()
+        gc.callbacks.remove(timer)
+        if enabled:
+            gc.unfreeze()
 
     return restore
+
+
+class _CollectionTimer:
+    """Adds each collection's duration to the request that was running when it happened."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            add_server_timing("gc", time.perf_counter() - self.started)

@@ -41,12 +41,13 @@ async def test_completion_reports_its_storage_listing_in_server_timing(stack: St
     response = await stack.client.post("/graphql", json={"query": COMPLETE, "variables": variables})
     assert "errors" not in response.json()
     timings = dict(TIMING.findall(response.headers["server-timing"]))
-    assert set(timings) == {"app", "storage"}
+    # (`gc` too when a collection happened meanwhile.)
+    assert {"app", "storage"} <= set(timings) <= {"app", "storage", "gc"}
     # The listing is part of the request: `app` minus `storage` is the server's own work.
     assert 0 <= float(timings["storage"]) <= float(timings["app"])
     # Requests that wait on nothing report their own time alone.
     other = await stack.client.post("/graphql", json={"query": "{ __typename }"})
-    assert set(dict(TIMING.findall(other.headers["server-timing"]))) == {"app"}
+    assert "storage" not in dict(TIMING.findall(other.headers["server-timing"]))
 
 
 async def test_completion_without_upload_is_incomplete_and_registers_nothing(stack: Stack) -> None:

@@ -132,7 +132,7 @@ LAYERS = [
             "app.client.watch",
         },
     ),
-    ("base", {"app.config", "app.errors", "app.dicom.errors", "app.gc_tuning"}),
+    ("base", {"app.config", "app.errors", "app.dicom.errors"}),
     (
         "models and storage",
         {
@@ -171,6 +171,7 @@ LAYERS = [
             "app.readiness",
             "app.log_redaction",
             "app.logging_setup",
+            "app.gc_tuning",
             "app.usage",
             # DICOM SEG: domain reads, storage and the PACS; transport calls it.
             "app.dicom",
