@@ -119,6 +119,8 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = "auto"
     metrics_token: str | None = Field(None, min_length=16)
     metrics_public: bool = False
+    # Freeze start-up's objects out of the garbage collector's sight (app.gc_tuning).
+    gc_tuning: bool = True
 
     @field_validator(
         "allowed_content_types",

@@ -20,6 +20,7 @@ from app.db import create_engine, create_read_sessionmaker, create_sessionmaker
 from app.dicom import routes as dicom_routes
 from app.dicom.export import EXPORT_JOB, export_job
 from app.events import create_event_bus
+from app.gc_tuning import tune_gc
 from app.graphql.cost import QueryCost
 from app.graphql.documents import DocumentCache, PreparedDocument
 from app.graphql.live import LiveGraphQL
@@ -39,6 +40,7 @@ from app.sweeper import sweep_job
 from app.tokens import TokenCache
 from app.validation_job import validation_job
 from app.view_urls import ViewUrlSigner
+from app.warmup import warm_up
 
 # Background jobs every `serve` runs (see app.jobs): name, function, on/off and interval setting.
 JOBS = [
@@ -112,6 +114,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             context = JobContext(settings, sessionmaker, storage, owner_name(), events)
             runner = JobRunner(context, JOBS)
             runner.start()
+            await warm_up(schema, settings, sessionmaker, storage, runner, events)
+            restore_gc = tune_gc(settings.gc_tuning)
             try:
                 yield {
                     "services": Services(
@@ -128,6 +132,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     )
                 }
             finally:
+                restore_gc()
                 await runner.stop()
                 await events.aclose()
                 await storage.aclose()
