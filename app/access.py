@@ -1,7 +1,8 @@
 """What every HTTP request gets on its way through: an id (the caller's X-Request-ID if sane)
-for logs and errors, the server's own time in Server-Timing so clients can tell it from the
-network, and one log line and one set of metrics: method, path (never its query string:
-storage URLs carry signatures there), route, status, duration, request id, user, operation."""
+for logs and errors, the server's time in Server-Timing so clients can tell it from the
+network (`app`, and beside it what the request waited on, such as `storage`), and one log
+line and one set of metrics: method, path (never its query string: storage URLs carry
+signatures there), route, status, duration, request id, user, operation."""
 
 from __future__ import annotations
 
@@ -44,7 +45,11 @@ class AccessMiddleware:
                 headers = list(message.get("headers", []))
                 names = {name.lower() for name, _ in headers}
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
-                headers.append((b"server-timing", f"app;dur={elapsed_ms:.1f}".encode("latin-1")))
+                timing = f"app;dur={elapsed_ms:.1f}" + "".join(
+                    f", {metric};dur={seconds * 1000:.1f}"
+                    for metric, seconds in state.get("server_timing", {}).items()
+                )
+                headers.append((b"server-timing", timing.encode("latin-1")))
                 if b"x-content-type-options" not in names:
                     headers.append((b"x-content-type-options", b"nosniff"))
                 message["headers"] = headers

@@ -14,7 +14,7 @@ from app.models import utcnow
 from app.oidc import OidcVerifier
 from app.principals import ANONYMOUS_ADMIN, Principal
 from app.state import request_id_of, services_of
-from app.tokens import is_api_token, token_principal
+from app.tokens import TokenCache, is_api_token, token_principal
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +46,12 @@ async def authenticate(
     *,
     oidc: OidcVerifier | None,
     now: datetime,
+    tokens: TokenCache | None = None,
 ) -> Principal:
     if is_api_token(token) or oidc is None:
+        # The session opens a connection only when the token is not in `tokens`.
         async with sessionmaker() as session:
-            return await token_principal(session, token, now)
+            return await token_principal(session, token, now, tokens)
     return await oidc.verify(token)
 
 
@@ -62,7 +64,7 @@ async def authenticate_request(request: Request) -> Principal:
     token = bearer_token(request.headers.get("authorization"))
     try:
         principal = await authenticate(
-            services.sessionmaker, token, oidc=services.oidc, now=utcnow()
+            services.sessionmaker, token, oidc=services.oidc, now=utcnow(), tokens=services.tokens
         )
     except AppError:
         raise

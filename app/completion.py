@@ -8,6 +8,7 @@ verification runs again, a few times at most."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +21,7 @@ from app.audit import Actor, record
 from app.config import Settings
 from app.db import transaction
 from app.errors import ChecksumMismatch, Conflict, StorageUnavailable, UploadIncomplete
+from app.logging_setup import add_server_timing
 from app.models import Mask, MaskGroup, MaskGroupStatus, MaskUpload, StorageDeletion
 from app.slices import MASK, SliceName, check_slice_identity, lock_batch, rows_in_range, slice_name
 from app.storage import Storage, StorageError, StoredObject
@@ -120,10 +122,13 @@ async def _verify(
         known = registered.get(name) or uploads.get(name)
         if known is not None:
             keys.append(known.file_path)
+    started = time.perf_counter()
     try:
         stored = await storage.stat_objects(keys) if keys else {}
     except StorageError as error:
         raise StorageUnavailable(f"storage could not be listed: {error}") from error
+    finally:
+        add_server_timing("storage", time.perf_counter() - started)
     return Verification(registered, uploads, frozenset(keys), stored)
 
 

@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     max_query_aliases: int = Field(50, ge=0)
     max_query_tokens: int = Field(20_000, ge=100)
     max_query_cost: int = Field(200_000, ge=1)
+    # Admitted documents (parsed, limits checked, validated) kept per process, by query text.
+    graphql_document_cache_size: int = Field(128, ge=0)
+    # Seconds an API token's lookup is reused by a process: a revoked token keeps working
+    # on each process for at most this long (0: looked up on every request).
+    token_cache_seconds: float = Field(5, ge=0, le=60)
     # The largest legitimate body, a 5000-slice batch of the longest values, is 1.1 MB
     # (1.6 MB indented): 4 MiB leaves room (docs/security.md).
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
@@ -114,6 +119,8 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = "auto"
     metrics_token: str | None = Field(None, min_length=16)
     metrics_public: bool = False
+    # Freeze start-up's objects out of the garbage collector's sight (app.gc_tuning).
+    gc_tuning: bool = True
 
     @field_validator(
         "allowed_content_types",

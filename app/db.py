@@ -60,6 +60,16 @@ def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 
+def create_read_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions for reads of one statement each (the GraphQL dataloaders'), from the same
+    pool. On PostgreSQL they run in autocommit: a lone SELECT is its own snapshot either way,
+    and BEGIN and ROLLBACK are two of the six round trips a read in a transaction costs.
+    SQLite keeps its transactions (app.db emits their BEGIN itself)."""
+    if engine.dialect.name != "postgresql":
+        return create_sessionmaker(engine)
+    return create_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
+
+
 @asynccontextmanager
 async def transaction(
     sessionmaker: async_sessionmaker[AsyncSession],

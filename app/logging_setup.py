@@ -19,6 +19,15 @@ REQUEST_FIELDS = ("request_id", "user", "operation")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
+def add_server_timing(metric: str, seconds: float) -> None:
+    """Time the running request spent waiting on `metric` (storage, say): the access
+    middleware reports it in Server-Timing beside the request's own `app` time."""
+    state = REQUEST_STATE.get()
+    if state is not None:
+        timings: dict[str, float] = state.setdefault("server_timing", {})
+        timings[metric] = timings.get(metric, 0.0) + seconds
+
+
 class RequestContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         state = REQUEST_STATE.get() or {}

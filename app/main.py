@@ -16,11 +16,13 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app.access import AccessMiddleware
 from app.config import Settings
-from app.db import create_engine, create_sessionmaker
+from app.db import create_engine, create_read_sessionmaker, create_sessionmaker
 from app.dicom import routes as dicom_routes
 from app.dicom.export import EXPORT_JOB, export_job
 from app.events import create_event_bus
+from app.gc_tuning import tune_gc
 from app.graphql.cost import QueryCost
+from app.graphql.documents import DocumentCache, PreparedDocument
 from app.graphql.live import LiveGraphQL
 from app.graphql.schema import create_schema
 from app.graphql.view import graphql_endpoint
@@ -35,8 +37,10 @@ from app.state import LifespanState, Services
 from app.static_routes import static_routes
 from app.storage import Storage
 from app.sweeper import sweep_job
+from app.tokens import TokenCache
 from app.validation_job import validation_job
 from app.view_urls import ViewUrlSigner
+from app.warmup import warm_up
 
 # Background jobs every `serve` runs (see app.jobs): name, function, on/off and interval setting.
 JOBS = [
@@ -73,11 +77,19 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
-    extensions = [] if settings.graphql_introspection else [DisableIntrospection]
+    extensions: list[Any] = [PreparedDocument]
+    if not settings.graphql_introspection:
+        extensions.append(DisableIntrospection)
     schema = create_schema(extensions=extensions)
     query_cost = QueryCost(schema._schema, max_slices_per_call=settings.max_slices_per_call)
+    documents = DocumentCache(
+        size=settings.graphql_document_cache_size,
+        max_tokens=settings.max_query_tokens,
+        max_depth=settings.max_query_depth,
+        max_aliases=settings.max_query_aliases,
+    )
     routes = [
-        Route("/graphql", graphql_endpoint(schema, query_cost), methods=["GET", "POST"]),
+        Route("/graphql", graphql_endpoint(schema, query_cost, documents), methods=["GET", "POST"]),
         WebSocketRoute("/graphql", LiveGraphQL(schema, settings, query_cost)),
         Route("/api/mask-group/{group_id:int}/view", view_mask, methods=["GET"]),
         *dicom_routes.ROUTES,
@@ -102,20 +114,25 @@ def create_app(settings: Settings | None = None) -> Starlette:
             context = JobContext(settings, sessionmaker, storage, owner_name(), events)
             runner = JobRunner(context, JOBS)
             runner.start()
+            await warm_up(schema, settings, sessionmaker, storage, runner, events)
+            restore_gc = tune_gc(settings.gc_tuning)
             try:
                 yield {
                     "services": Services(
                         settings=settings,
                         engine=engine,
                         sessionmaker=sessionmaker,
+                        reads=create_read_sessionmaker(engine),
                         storage=storage,
                         oidc=oidc,
                         jobs=runner,
                         events=events,
                         view_urls=ViewUrlSigner.from_settings(settings),
+                        tokens=TokenCache(settings.token_cache_seconds),
                     )
                 }
             finally:
+                restore_gc()
                 await runner.stop()
                 await events.aclose()
                 await storage.aclose()

@@ -14,6 +14,7 @@ from app.events import EventBus
 from app.jobs import JobRunner
 from app.oidc import OidcVerifier
 from app.storage import Storage
+from app.tokens import TokenCache
 from app.view_urls import ViewUrlSigner
 
 
@@ -22,12 +23,16 @@ class Services:
     settings: Settings
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
+    # For single-statement reads (app.db.create_read_sessionmaker): the dataloaders.
+    reads: async_sessionmaker[AsyncSession]
     storage: Storage
     oidc: OidcVerifier | None
     # The background jobs of this process; requests wake one when they leave it work.
     jobs: JobRunner
     events: EventBus
     view_urls: ViewUrlSigner
+    # API tokens found valid lately (TOKEN_CACHE_SECONDS), for authenticate_request.
+    tokens: TokenCache
 
 
 class LifespanState(TypedDict):

@@ -27,20 +27,69 @@ def is_api_token(token: str) -> bool:
     return token.startswith(TOKEN_PREFIX)
 
 
-async def token_principal(session: AsyncSession, token: str, now: datetime) -> Principal:
+async def token_principal(
+    session: AsyncSession, token: str, now: datetime, cache: TokenCache | None = None
+) -> Principal:
     if not is_api_token(token) or len(token) > MAX_TOKEN_LENGTH:
         raise Unauthenticated("unknown token")
+    token_hash = hash_token(token)
+    if cache is not None:
+        kept = cache.get(token_hash, now)
+        if kept is not None:
+            return kept
     row = (
         await session.execute(
             select(ApiToken.user, ApiToken.role, ApiToken.expires_at, ApiToken.revoked_at).where(
-                ApiToken.token_hash == hash_token(token)
+                ApiToken.token_hash == token_hash
             )
         )
     ).first()
     # One message for unknown, expired and revoked: the caller learns nothing about which.
     if row is None or row.revoked_at is not None or (row.expires_at and row.expires_at <= now):
         raise Unauthenticated("unknown, expired or revoked token")
-    return Principal(user=row.user, role=row.role)
+    principal = Principal(user=row.user, role=row.role)
+    if cache is not None:
+        cache.keep(token_hash, principal, row.expires_at, now)
+    return principal
+
+
+class TokenCache:
+    """Principals of the API tokens a process found valid in the last `seconds`
+    (TOKEN_CACHE_SECONDS), by token hash: a viewer sends the same token many times a second.
+    Revocation happens in the database (`pacs-masks revoke-token`), so a revoked token stays
+    usable on each process for at most `seconds` after it; a token is never used past its
+    expiry. Unknown, expired and revoked tokens are never kept, so a guessed token costs a
+    lookup every time. Written by hand: the entry's lifetime depends on the token's expiry
+    and on the caller's `now`, which no off-the-shelf TTL cache takes."""
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, seconds: float) -> None:
+        self.lifetime = timedelta(seconds=seconds)
+        self._entries: dict[str, tuple[Principal, datetime]] = {}
+
+    def get(self, token_hash: str, now: datetime) -> Principal | None:
+        entry = self._entries.get(token_hash)
+        if entry is None:
+            return None
+        principal, until = entry
+        if now >= until:
+            del self._entries[token_hash]
+            return None
+        return principal
+
+    def keep(
+        self, token_hash: str, principal: Principal, expires_at: datetime | None, now: datetime
+    ) -> None:
+        if not self.lifetime:
+            return
+        until = now + self.lifetime
+        if expires_at is not None:
+            until = min(until, expires_at)
+        if len(self._entries) >= self.MAX_ENTRIES:
+            # Many distinct tokens at once is unusual: start afresh rather than track age.
+            self._entries.clear()
+        self._entries[token_hash] = (principal, until)
 
 
 async def create_token(

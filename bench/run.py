@@ -29,6 +29,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+from figures import Report, add_json_argument, machine
 from moto.server import ThreadedMotoServer
 
 from app.config import Settings
@@ -235,6 +236,19 @@ def figure(name: str, values: list[float], unit: str, goal: float | None, digits
     return (name, fmt(statistics.median(values)), fmt(top), goal_text, verdict)
 
 
+def report_of(rows: list[Row], context: dict[str, Any]) -> Report:
+    """The printed table as --json figures: the median as the value, the max in the note; a
+    goal is met when the max is within it, as the table's verdict says."""
+    report = Report("Server figures: batches, 100-slice flow, 10 x 1000 tree, memory (moto)")
+    report.context = context
+    for name, median, top, goal, verdict in rows:
+        value, unit = median.split(" ", 1)
+        item = report.add(name, float(value), unit, note=f"max {top}")
+        if goal != "-":
+            item.goal, item.ok = goal, verdict == "ok"
+    return report
+
+
 def print_table(rows: list[Row]) -> None:
     header: Row = ("figure", "median", "max", "goal", "")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(5)]
@@ -382,6 +396,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--database-url", help="an existing, empty PostgreSQL database")
     parser.add_argument("--repeat", type=int, default=5)
+    add_json_argument(parser)
     args = parser.parse_args()
 
     created = None
@@ -397,7 +412,8 @@ def main() -> None:
         print(f"machine:    {platform.platform()}")
         print(f"python:     {sys.version.split()[0]} ({platform.python_implementation()})")
         print(f"cpu:        {cpu_model()}, {os.cpu_count()} cores")
-        print(f"postgresql: {asyncio.run(postgres_version(database_url))}")
+        postgresql = asyncio.run(postgres_version(database_url))
+        print(f"postgresql: {postgresql}")
         print(f"repeat:     {args.repeat}\n")
 
         moto, moto_url = start_moto()
@@ -426,6 +442,9 @@ def main() -> None:
         rows += asyncio.run(storage_rows(moto_url, keys, args.repeat))
         print()
         print_table(rows)
+        context = {**machine(), "postgresql": postgresql, "s3": "moto (in the bench process)"}
+        context["repeat"] = args.repeat
+        report_of(rows, context).write(args.json)
     finally:
         if process is not None:
             stop(process)

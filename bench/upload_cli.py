@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from figures import Report, add_json_argument, machine
 from PIL import Image
 from run import (
     ADMIN_URL,
@@ -99,7 +100,7 @@ def upload(
     return summary, wall, cpu, peak_kib
 
 
-async def main_async(args: argparse.Namespace, workdir: Path) -> None:
+async def main_async(args: argparse.Namespace, workdir: Path, report: Report) -> None:
     created = f"pacs_masks_bench_{uuid.uuid4().hex[:12]}"
     await admin_execute(f'CREATE DATABASE "{created}"')
     database_url = f"{ADMIN_URL.rsplit('/', 1)[0]}/{created}"
@@ -145,6 +146,12 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> None:
                 f"{seconds:>9.2f} {wall:>7.2f} {cpu:>12.2f} {peak_kib / 1024:>5.0f} MiB"
                 f"   ({megabytes:.1f} MB in {slices} slices)"
             )
+            note = f"{megabytes:.1f} MB in {slices} slices, concurrency {args.concurrency}"
+            report.add(f"{name}: slices/s", slices / seconds, "slices/s", note=note)
+            report.add(f"{name}: MB/s", megabytes / seconds, "MB/s")
+            report.add(f"{name}: process wall clock", wall, "s", note="with start-up")
+            report.add(f"{name}: client CPU", cpu, "s")
+            report.add(f"{name}: client peak RSS", peak_kib / 1024, "MiB")
     finally:
         if process is not None:
             stop(process)
@@ -156,11 +163,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--slices", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=16)
+    add_json_argument(parser)
     args = parser.parse_args()
     print(f"machine: {platform.platform()}, {cpu_model()}, {os.cpu_count()} cores")
     print(f"python:  {sys.version.split()[0]}; {args.slices} slices of {SIZE}x{SIZE}\n")
+    report = Report(f"`pacs-masks upload` end to end, {args.slices} masks of {SIZE}x{SIZE} (moto)")
+    report.context = {**machine(), "s3": "moto (in the bench process)"}
     with tempfile.TemporaryDirectory(prefix="pacs-masks-bench-") as workdir:
-        asyncio.run(main_async(args, Path(workdir)))
+        asyncio.run(main_async(args, Path(workdir), report))
+    report.write(args.json)
 
 
 if __name__ == "__main__":

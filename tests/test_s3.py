@@ -21,6 +21,7 @@ from storage_servers import BUCKET, MotoServer, RcloneServer, presigned_put, s3_
 
 from app.config import CONTENT_TYPE_EXTENSIONS, Settings
 from app.s3 import S3Storage
+from app.sigv4 import Credentials, Presigner
 from app.storage import StorageError, group_prefix, mask_key
 
 # A 1x1 transparent PNG.
@@ -109,6 +110,18 @@ def _random_now(rng: random.Random) -> datetime:
     return moment
 
 
+def _signing_batches(rng: random.Random) -> Iterator[tuple[str, datetime, int]]:
+    """150 (key, now, expires_in): batches of 1 to 8 keys share `now` and `expires_in`, as
+    the URLs of one request do (the presigner keeps what they make of a URL between calls)."""
+    signed = 0
+    while signed < 150:
+        now = _random_now(rng)
+        expires_in = rng.choice([1, 60, 600, 3600, 86400, 604800, rng.randint(1, 604800)])
+        for _ in range(rng.randint(1, 8)):
+            yield _random_key(rng), now, expires_in
+            signed += 1
+
+
 _PRESIGN_CONFIGS = [
     pytest.param({"s3_endpoint_url": "http://127.0.0.1:9000"}, id="path-ip"),
     pytest.param(
@@ -180,10 +193,7 @@ async def test_presigned_urls_are_byte_identical_to_botocore(
     )
     rng = random.Random(f"presign-{overrides}")
     try:
-        for _ in range(150):
-            key = _random_key(rng)
-            now = _random_now(rng)
-            expires_in = rng.choice([1, 60, 600, 3600, 86400, 604800, rng.randint(1, 604800)])
+        for key, now, expires_in in _signing_batches(rng):
             content_type = rng.choice(_CONTENT_TYPES)
             content_md5 = base64.b64encode(rng.randbytes(16)).decode()
             frozen = now.astimezone(UTC).replace(tzinfo=None)
@@ -608,3 +618,17 @@ async def test_rclone_ensure_bucket_tolerates_missing_bucket_apis(
     ]
     assert any("CORS" in message for message in messages), messages
     assert any("lifecycle" in message for message in messages), messages
+
+
+def test_new_credentials_sign_like_a_new_presigner() -> None:
+    """Rotated credentials (temporary ones renewed) must not reuse what the old access key
+    made of a URL, even for the same signing time."""
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    old, new = Credentials("AKIDOLD", "secret-1", None), Credentials("AKIDNEW", "secret-2", "tok")
+    presigner = Presigner("http://127.0.0.1:9000/bucket", "us-east-1", "s3", old)
+    presigner.presign("GET", "mask/1/2/a.png", expires_in=60, now=now)
+    presigner.credentials = new
+    fresh = Presigner("http://127.0.0.1:9000/bucket", "us-east-1", "s3", new)
+    assert presigner.presign("GET", "mask/1/2/a.png", expires_in=60, now=now) == fresh.presign(
+        "GET", "mask/1/2/a.png", expires_in=60, now=now
+    )

@@ -30,9 +30,10 @@ class QueryTooComplex(BadUserInput):
 def check_document(
     query: str, *, max_tokens: int, max_depth: int, max_aliases: int
 ) -> DocumentNode | None:
-    """The parsed document, or None when it does not parse (execution reports that error)."""
+    """The parsed document, or None when it does not parse (execution reports that error).
+    It keeps its locations: execution runs on it, and validation errors point into it."""
     try:
-        document = parse(query, max_tokens=max_tokens, no_location=True)
+        document = parse(query, max_tokens=max_tokens)
     except GraphQLSyntaxError as error:
         if "tokens" in error.message and "more than" in error.message:
             raise QueryTooComplex(f"query has more than {max_tokens} tokens") from error

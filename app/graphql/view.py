@@ -26,8 +26,8 @@ from app.auth import CHALLENGE, AuthenticationUnavailable, authenticate_request
 from app.errors import AppError, BadUserInput, StorageUnavailable, Unauthenticated
 from app.graphql.context import Context
 from app.graphql.cost import QueryCost
+from app.graphql.documents import Admitted, DocumentCache
 from app.graphql.encoded import as_fragment, as_python
-from app.graphql.limits import check_document
 from app.graphql.schema import Schema
 from app.graphql.variables import check_list_lengths, check_text
 from app.metrics import count_unexpected, operation_label
@@ -139,14 +139,18 @@ def format_error(error: GraphQLError, request_id: str) -> dict[str, Any]:
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def graphql_endpoint(schema: Schema, query_cost: QueryCost) -> Endpoint:
+def graphql_endpoint(schema: Schema, query_cost: QueryCost, documents: DocumentCache) -> Endpoint:
+    """`schema` must run app.graphql.documents.PreparedDocument (create_app's does)."""
+
     async def endpoint(request: Request) -> Response:
-        return await _serve_graphql(schema, query_cost, request)
+        return await _serve_graphql(schema, query_cost, documents, request)
 
     return endpoint
 
 
-async def _serve_graphql(schema: Schema, query_cost: QueryCost, request: Request) -> Response:
+async def _serve_graphql(
+    schema: Schema, query_cost: QueryCost, documents: DocumentCache, request: Request
+) -> Response:
     services = services_of(request)
     request_id = request_id_of(request)
     settings = services.settings
@@ -182,12 +186,8 @@ async def _serve_graphql(schema: Schema, query_cost: QueryCost, request: Request
         if operation_name is not None and not isinstance(operation_name, str):
             raise RequestError(400, "operationName must be a string")
         # Structure first: an abusive query costs a parse, not a token lookup or a query.
-        document = check_document(
-            query,
-            max_tokens=settings.max_query_tokens,
-            max_depth=settings.max_query_depth,
-            max_aliases=settings.max_query_aliases,
-        )
+        admitted: Admitted | None = documents.admit(query)
+        document = admitted.document if admitted is not None else None
         if document is not None:
             operation = _operation(document, operation_name)
             if request.method == "GET" and operation.operation is not OperationType.QUERY:
@@ -224,6 +224,7 @@ async def _serve_graphql(schema: Schema, query_cost: QueryCost, request: Request
     context = Context(
         settings=settings,
         sessionmaker=services.sessionmaker,
+        reads=services.reads,
         storage=services.storage,
         jobs=services.jobs,
         actor=Actor(
@@ -234,6 +235,7 @@ async def _serve_graphql(schema: Schema, query_cost: QueryCost, request: Request
         ),
         events=services.events,
         view_urls=services.view_urls,
+        admitted=admitted,
     )
     result = await schema.execute(
         query, variable_values=variables, context_value=context, operation_name=operation_name

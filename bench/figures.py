@@ -1,0 +1,91 @@
+"""The figures every bench script writes with `--json PATH` (the convention of issue 12), and
+the machine they were measured on. `bench/results.py` reads these files into RESULTS.md.
+
+    {"title": str, "figures": [{"name", "value", "unit", "goal", "ok", "note"}], "context": {}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    unit: str
+    goal: str | None = None
+    ok: bool | None = None
+    note: str | None = None
+
+
+@dataclass
+class Report:
+    title: str
+    figures: list[Figure] = field(default_factory=list)
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def add(
+        self,
+        name: str,
+        value: float,
+        unit: str,
+        *,
+        at_most: float | None = None,
+        at_least: float | None = None,
+        goal: str | None = None,
+        note: str | None = None,
+    ) -> Figure:
+        """One figure; `at_most`/`at_least` make the goal text and the verdict from the value."""
+        ok: bool | None = None
+        if at_most is not None:
+            goal, ok = goal or f"<= {at_most:g} {unit}".strip(), value <= at_most
+        elif at_least is not None:
+            goal, ok = goal or f">= {at_least:g} {unit}".strip(), value >= at_least
+        figure = Figure(name, float(value), unit, goal, ok, note)
+        self.figures.append(figure)
+        return figure
+
+    def write(self, path: str | None) -> None:
+        if path is None:
+            return
+        body = {
+            "title": self.title,
+            "figures": [asdict(figure) for figure in self.figures],
+            "context": self.context,
+        }
+        Path(path).write_text(json.dumps(body, indent=2, allow_nan=False, default=str) + "\n")
+
+
+def add_json_argument(parser: Any) -> None:
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """What the figures depend on that is not the code: cores, CPU, memory, kernel, Python."""
+    memory_kib = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            memory_kib = int(line.split()[1])
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu_model(),
+        "memory_gib": round(memory_kib / 2**20, 1),
+        "kernel": platform.release(),
+        "platform": platform.platform(),
+        "python": f"{sys.version.split()[0]} ({platform.python_implementation()})",
+        "load_average": [round(value, 2) for value in os.getloadavg()],
+    }
