@@ -57,6 +57,10 @@ def _grouped(rows: Sequence[Row[Any]], keys: Sequence[Hashable], column: str) ->
 class Loaders:
     def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
         self._sessionmaker = sessionmaker
+        # PostgreSQL's cursors live in transactions, and its read sessions autocommit
+        # (app.db.create_read_sessionmaker): a streamed read takes a BEGIN of its own.
+        postgresql = sessionmaker.kw["bind"].dialect.name == "postgresql"
+        self._stream_options = {"isolation_level": "READ COMMITTED"} if postgresql else {}
         self.annotation = DataLoader(self._annotations)
         self.mask_group = DataLoader(self._mask_groups)
         self.mask = DataLoader(self._masks_by_id)
@@ -131,6 +135,7 @@ class Loaders:
                     yield_per=STREAM_ROWS
                 )
                 async with self._sessionmaker() as session:
+                    await session.connection(execution_options=self._stream_options)
                     result = await session.stream(statement)
                     group_id: int | None = None
                     rows: list[Row[Any]] = []
