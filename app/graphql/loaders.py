@@ -25,7 +25,7 @@ export_table = DicomExport.__table__
 # Groups deleted within DELETED_GROUP_RETENTION are invisible until restored.
 LIVE_GROUP = group_table.c.deleted_at.is_(None)
 # Rows fetched per round trip when streaming a batch of mask lists.
-STREAM_ROWS = 2000
+STREAM_ROWS = 5000
 # One group's mask rows, once the batch's stream has read them all.
 GroupRows = asyncio.Future[list[Row[Any]]]
 MASK_ORDER = (mask_table.c.slice_index, func.coalesce(mask_table.c.label_name, ""))
