@@ -7,7 +7,8 @@ from __future__ import annotations
 import gc
 import json
 import re
-from typing import Any
+from datetime import datetime
+from typing import Any, ClassVar
 
 import pytest
 from conftest import Stack
@@ -19,6 +20,7 @@ from app.graphql import encoded, loaders
 from app.graphql.collector import collector_paused
 from app.graphql.context import Context
 from app.graphql.encoded import encode_list
+from app.graphql.execution import FastListExecutionContext
 from app.graphql.schema import create_schema
 from app.graphql.selections import needed_columns
 from app.graphql.types import MASK_RESOLVER_COLUMNS, mask_columns
@@ -69,16 +71,7 @@ async def test_fast_path_matches_standard_execution(
     assert response.status_code == 200
 
     standard = create_schema(execution_context_class=StrawberryGraphQLCoreExecutionContext)
-    context = Context(
-        settings=stack.settings,
-        sessionmaker=stack.sessionmaker,
-        storage=stack.storage,
-        jobs=stack.services.jobs,
-        actor=Actor(Principal("reader-1", Role.READER), request_id="test"),
-        events=stack.services.events,
-        view_urls=stack.services.view_urls,
-    )
-    result = await standard.execute(query, variable_values=variables, context_value=context)
+    result = await standard.execute(query, variable_values=variables, context_value=_context(stack))
     assert result.errors is None
     # The same bytes as the standard path's data written by the standard library's encoder;
     # signed view URLs differ only if the two runs straddle an expiry step.
@@ -92,9 +85,103 @@ async def test_fast_path_matches_standard_execution(
         assert [len(group["a"]) for group in groups] == [4, 0, 2]
 
 
+def _context(stack: Stack) -> Context:
+    return Context(
+        settings=stack.settings,
+        sessionmaker=stack.sessionmaker,
+        storage=stack.storage,
+        jobs=stack.services.jobs,
+        actor=Actor(Principal("reader-1", Role.READER), request_id="test"),
+        events=stack.services.events,
+        view_urls=stack.services.view_urls,
+    )
+
+
 def _same_expiry(data: Any) -> str:
     text = data if isinstance(data, str) else json.dumps(data)
     return re.sub(r"expires=\d+&signature=[\w-]+", "expires=E&signature=S", text)
+
+
+def _same_signing_time(data: Any) -> str:
+    """Two runs sign at different times: what the time makes (S3's X-Amz-Date and signature,
+    local storage's expiry and signature, expiresAt) is set aside; the TTLs are kept."""
+    text = _same_expiry(data)
+    text = re.sub(r"X-Amz-Date=\w+", "X-Amz-Date=D", text)
+    text = re.sub(r"X-Amz-Signature=\w+", "X-Amz-Signature=S", text)
+    return re.sub(r'"expiresAt": "[^"]+"', '"expiresAt": "T"', text)
+
+
+class RecordingContext(FastListExecutionContext):
+    """The fast execution context, noting which item types' lists had a plan."""
+
+    planned: ClassVar[set[tuple[str, bool]]] = set()
+
+    def _plain_plan(self, item_type: Any, field_details_list: Any) -> Any:
+        plan = super()._plain_plan(item_type, field_details_list)
+        RecordingContext.planned.add((item_type.name, plan is not None))
+        return plan
+
+
+TREE = """annotation(id: $id) { maskGroups { masks(sliceIndexFrom: 0, sliceIndexTo: 500) {"""
+README_TREE = """query($id: ID!) { annotation(id: $id) { id studyInstanceUid maskGroups { id
+    modelName status uploadedSliceCount missingSliceIndexes masks(sliceIndexFrom: 0,
+    sliceIndexTo: 500) { sliceIndex labelName fileSize checksum viewUrl
+    downloadUrl(ttlSeconds: 300) { url expiresAt } } } } }"""
+TWO_TTLS = f"""query($id: ID!) {{ {TREE} sliceIndex short: downloadUrl(ttlSeconds: 60) {{
+    url expiresAt }} long: downloadUrl {{ url method headers {{ name value }} expiresAt }}
+    again: downloadUrl(ttlSeconds: 60) {{ expiresAt }} }} }} }} }}"""
+BY_VARIABLE = f"""query($id: ID!, $ttl: Int) {{ {TREE} id ...D }} }} }} }}
+    fragment D on Mask {{ downloadUrl(ttlSeconds: $ttl) {{ url expiresAt __typename }} }}"""
+OUT_OF_RANGE = f"""query($id: ID!) {{ {TREE} sliceIndex downloadUrl(ttlSeconds: 0) {{ url }} }}
+    }} }} }}"""
+# (query, variables besides the id, whether the masks take the fast path)
+DOWNLOAD_URL_QUERIES = {
+    "readme": (README_TREE, {}, True),
+    "two-ttls": (TWO_TTLS, {}, True),
+    "variable": (BY_VARIABLE, {"ttl": 120}, True),
+    "variable-null": (BY_VARIABLE, {"ttl": None}, True),
+    "variable-absent": (BY_VARIABLE, {}, True),
+    "out-of-range": (OUT_OF_RANGE, {}, False),
+    "variable-out-of-range": (BY_VARIABLE, {"ttl": 10**9}, False),
+}
+
+
+@pytest.mark.parametrize("name", list(DOWNLOAD_URL_QUERIES))
+async def test_download_urls_by_arguments_match_standard_execution(stack: Stack, name: str) -> None:
+    query, extra, fast_path = DOWNLOAD_URL_QUERIES[name]
+    annotation_id = await create_annotation(stack)
+    for _ in range(2):
+        group_id = await create_group(stack, annotation_id, 3)
+        await upload(stack, group_id, range(3))
+        await upload(stack, group_id, [1], label="tumor")
+    variables = {"id": annotation_id, **extra}
+    results = []
+    RecordingContext.planned = set()
+    for context_class in (RecordingContext, StrawberryGraphQLCoreExecutionContext):
+        schema = create_schema(execution_context_class=context_class)
+        result = await schema.execute(
+            query, variable_values=variables, context_value=_context(stack)
+        )
+        errors = [error.formatted for error in result.errors or []]
+        results.append((_same_signing_time(result.data), json.dumps(errors)))
+    assert results[0] == results[1]
+    assert ("Mask", fast_path) in RecordingContext.planned
+    assert ("Mask", not fast_path) not in RecordingContext.planned
+    served = await stack.gql(query, variables)
+    if fast_path:
+        assert _same_signing_time(served["data"]) == results[1][0]
+        masks = [m for g in served["data"]["annotation"]["maskGroups"] for m in g["masks"]]
+        assert len(masks) == 8
+    else:
+        assert {e["extensions"]["code"] for e in served["errors"]} == {"BAD_USER_INPUT"}
+        assert json.loads(results[0][1])[0]["message"].startswith("ttlSeconds must be")
+    if name == "two-ttls":
+        # A list's URLs share one signing time, whichever path signs them.
+        for mask in masks:
+            short = datetime.fromisoformat(mask["short"]["expiresAt"])
+            long = datetime.fromisoformat(mask["long"]["expiresAt"])
+            assert (long - short).total_seconds() == stack.settings.signed_url_default_ttl - 60
+            assert mask["again"]["expiresAt"] == mask["short"]["expiresAt"]
 
 
 # Every field of Mask, so the masks are loaded with every column (plus a field selected twice).

@@ -14,15 +14,17 @@ from strawberry.types.base import StrawberryOptional
 from strawberry.types.private import is_private
 from strawberry.types.scalar import ScalarDefinition
 
+from app.errors import BadUserInput
 from app.graphql.collector import collector_paused
-from app.graphql.context import Info
+from app.graphql.context import Context, Info
+from app.graphql.execution import ARGUMENT_GETTER
 from app.graphql.group_validation import ValidationReport
 from app.graphql.loaders import MaskFilter
 from app.graphql.rows import FromRow
 from app.graphql.selections import needed_columns, selected_names
 from app.models import utcnow
 from app.principals import Role
-from app.storage import SignedRequest
+from app.storage import SignedRequest, Storage
 from app.upload_urls import UploadTarget
 from app.validation import check_page, signed_url_ttl
 from app.view_urls import ViewUrlSigner
@@ -239,10 +241,26 @@ class MaskGroup(FromRow):
         view_urls = info.context.view_urls
         with collector_paused():
             masks = Mask.from_rows(
-                rows, view_urls=view_urls, view_expires=view_urls.current_expiry()
+                rows,
+                view_urls=view_urls,
+                view_expires=view_urls.current_expiry(),
+                signed_at=utcnow(),
             )
         rows.clear()  # ours alone (see Loaders.masks_of_group): freed group by group
         return masks
+
+
+def _download_url_getter(
+    context: Context, arguments: dict[str, Any]
+) -> Callable[[Mask], SignedUrl] | None:
+    """Mask.download_url for a whole list (see app.graphql.execution): the TTL checked once,
+    not once per mask; one the resolver refuses is left to it, to report as it does."""
+    try:
+        ttl = signed_url_ttl(context.settings, arguments.get("ttlSeconds"))
+    except BadUserInput:
+        return None
+    storage = context.storage
+    return lambda mask: mask.signed_get(storage, ttl)
 
 
 @strawberry.type
@@ -277,11 +295,21 @@ class Mask(FromRow):
         mask.view_expires = expires
         return mask
 
-    @strawberry.field(description="presigned GET for the stored object")
+    # One signing time for a whole list as well: its GETs share what that time makes.
+    signed_at: strawberry.Private[datetime | None] = None
+
+    def signed_get(self, storage: Storage, ttl: int) -> SignedUrl:
+        now = utcnow() if self.signed_at is None else self.signed_at
+        return SignedUrl.from_request(storage.presign_get(self.file_path, expires_in=ttl, now=now))
+
+    @strawberry.field(
+        description="presigned GET for the stored object",
+        metadata={ARGUMENT_GETTER: _download_url_getter},
+    )
     def download_url(self, info: Info, ttl_seconds: int | None = None) -> SignedUrl:
-        ttl = signed_url_ttl(info.context.settings, ttl_seconds)
-        signed = info.context.storage.presign_get(self.file_path, expires_in=ttl, now=utcnow())
-        return SignedUrl.from_request(signed)
+        return self.signed_get(
+            info.context.storage, signed_url_ttl(info.context.settings, ttl_seconds)
+        )
 
     @strawberry.field(
         description="same-origin path that streams the image through the server: "
