@@ -10,8 +10,8 @@ the standard path does per item) and that function, given the context and them, 
 item getter, or None when the resolver must see them (a value it refuses, say). Anything else
 (info, permissions, field extensions, objects that are not plain, @defer, nulls in non-null
 fields, a getter that raises) takes the standard path, so results and errors are the same
-either way. Such lists are returned as
-JSON bytes already (app/graphql/encoded.py) in queries and mutations."""
+either way. Such lists are returned as JSON bytes already (app/graphql/encoded.py) in queries
+and mutations."""
 
 from __future__ import annotations
 
