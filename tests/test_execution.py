@@ -98,7 +98,7 @@ def _context(stack: Stack) -> Context:
 
 
 def _same_expiry(data: Any) -> str:
-    text = data if isinstance(data, str) else json.dumps(data)
+    text = data if isinstance(data, str) else json.dumps(data, default=encoded.as_python)
     return re.sub(r"expires=\d+&signature=[\w-]+", "expires=E&signature=S", text)
 
 
