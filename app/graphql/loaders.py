@@ -11,7 +11,7 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Select, func, select
+from sqlalchemy import BindParameter, ColumnElement, Row, Select, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from strawberry.dataloader import DataLoader
 
@@ -29,6 +29,32 @@ STREAM_ROWS = 5000
 # One group's mask rows, once the batch's stream has read them all.
 GroupRows = asyncio.Future[list[Row[Any]]]
 MASK_ORDER = (mask_table.c.slice_index, func.coalesce(mask_table.c.label_name, ""))
+
+# The loaders' statements of one shape, built once: a statement built per request (its
+# IN list, its cache key) cost more than running it on a small tree. `ids` is expanding.
+IDS: BindParameter[list[int]] = bindparam("ids", expanding=True)
+ANNOTATIONS = select(annotation_table).where(annotation_table.c.id.in_(IDS))
+GROUPS = select(group_table).where(group_table.c.id.in_(IDS), LIVE_GROUP)
+MASKS = select(mask_table).where(
+    mask_table.c.id.in_(IDS), in_live_group(mask_table.c.mask_group_id)
+)
+GROUPS_OF_ANNOTATIONS = (
+    select(group_table)
+    .where(group_table.c.annotation_id.in_(IDS), LIVE_GROUP)
+    .order_by(group_table.c.id)
+)
+SLICE_INDEXES = (
+    select(mask_table.c.mask_group_id, mask_table.c.slice_index)
+    .where(mask_table.c.mask_group_id.in_(IDS))
+    .distinct()
+)
+LATEST_EXPORTS = select(export_table).where(
+    export_table.c.id.in_(
+        select(func.max(export_table.c.id))
+        .where(export_table.c.mask_group_id.in_(IDS))
+        .group_by(export_table.c.mask_group_id)
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,36 +106,24 @@ class Loaders:
         self.validation_of_group = DataLoader(self._validations_of_groups)
         self.dicom_export = DataLoader(self._latest_dicom_exports)
 
-    async def _rows(self, statement: Select[Any]) -> Sequence[Row[Any]]:
+    async def _rows(self, statement: Select[Any], ids: list[int]) -> Sequence[Row[Any]]:
         # A Core connection, not an ORM session: these reads need no identity map, and the
         # session's bookkeeping was a tenth of a small tree's server time.
         async with self._engine.connect() as connection:
-            rows: Sequence[Row[Any]] = (await connection.execute(statement)).all()
+            rows: Sequence[Row[Any]] = (await connection.execute(statement, {"ids": ids})).all()
         return rows
 
     async def _annotations(self, ids: list[int]) -> list[Row[Any] | None]:
-        rows = await self._rows(select(annotation_table).where(annotation_table.c.id.in_(ids)))
-        return _by_key(rows, ids, "id")
+        return _by_key(await self._rows(ANNOTATIONS, ids), ids, "id")
 
     async def _mask_groups(self, ids: list[int]) -> list[Row[Any] | None]:
-        rows = await self._rows(select(group_table).where(group_table.c.id.in_(ids), LIVE_GROUP))
-        return _by_key(rows, ids, "id")
+        return _by_key(await self._rows(GROUPS, ids), ids, "id")
 
     async def _masks_by_id(self, ids: list[int]) -> list[Row[Any] | None]:
-        rows = await self._rows(
-            select(mask_table).where(
-                mask_table.c.id.in_(ids), in_live_group(mask_table.c.mask_group_id)
-            )
-        )
-        return _by_key(rows, ids, "id")
+        return _by_key(await self._rows(MASKS, ids), ids, "id")
 
     async def _groups_of_annotations(self, ids: list[int]) -> list[list[Row[Any]]]:
-        rows = await self._rows(
-            select(group_table)
-            .where(group_table.c.annotation_id.in_(ids), LIVE_GROUP)
-            .order_by(group_table.c.id)
-        )
-        return _grouped(rows, ids, "annotation_id")
+        return _grouped(await self._rows(GROUPS_OF_ANNOTATIONS, ids), ids, "annotation_id")
 
     async def _masks_of_groups(self, keys: list[tuple[int, MaskFilter]]) -> list[GroupRows]:
         loop = asyncio.get_running_loop()
@@ -171,24 +185,13 @@ class Loaders:
         return [reports.get(group_id) for group_id in ids]
 
     async def _slice_indexes_of_groups(self, ids: list[int]) -> list[set[int]]:
-        rows = await self._rows(
-            select(mask_table.c.mask_group_id, mask_table.c.slice_index)
-            .where(mask_table.c.mask_group_id.in_(ids))
-            .distinct()
-        )
         found: dict[int, set[int]] = defaultdict(set)
-        for row in rows:
+        for row in await self._rows(SLICE_INDEXES, ids):
             found[row.mask_group_id].add(row.slice_index)
         return [found.get(group_id, set()) for group_id in ids]
 
     async def _latest_dicom_exports(self, ids: list[int]) -> list[Row[Any] | None]:
-        latest = (
-            select(func.max(export_table.c.id))
-            .where(export_table.c.mask_group_id.in_(ids))
-            .group_by(export_table.c.mask_group_id)
-        )
-        rows = await self._rows(select(export_table).where(export_table.c.id.in_(latest)))
-        return _by_key(rows, ids, "mask_group_id")
+        return _by_key(await self._rows(LATEST_EXPORTS, ids), ids, "mask_group_id")
 
 
 def _deliver(futures: list[GroupRows], rows: list[Row[Any]]) -> None:
