@@ -41,6 +41,9 @@ from app.events import EventBus
 from app.models import JobRun, utcnow
 from app.storage import Storage
 
+# A generator of its own: jitter must not draw from (nor disturb) the global `random` that
+# the rest of the process, or a test framework seeding it, relies on.
+_JITTER = random.Random()
 logger = logging.getLogger(__name__)
 
 Row = TypeVar("Row", bound=Base)
@@ -139,12 +142,12 @@ class JobRunner:
         # for work about once an interval (the lease decides who runs), not N times.
         processes = self.context.settings.workers
         period = interval * processes
-        delay = period * (random.uniform(0.9, 1.1) if processes == 1 else random.random())
+        delay = period * (_JITTER.uniform(0.9, 1.1) if processes == 1 else _JITTER.random())
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), delay)
             # Jitter keeps replicas started together from claiming in lockstep.
-            delay = period * random.uniform(0.9, 1.1)
+            delay = period * _JITTER.uniform(0.9, 1.1)
             # Cleared before the run: a wake during it means work the run may have missed.
             woken = wake.is_set()
             wake.clear()
