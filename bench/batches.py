@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import re
@@ -57,6 +56,7 @@ from run import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from figures import Figure, Report
 from storage_servers import SeaweedServer, running_seaweed, s3_settings
 
 from app.main import open_storage
@@ -66,16 +66,6 @@ TIMINGS = re.compile(r"([a-z]+);dur=([0-9.]+)")
 READ_GROUP = """query($id: ID!, $limit: Int, $offset: Int!) {
   maskGroup(id: $id) { id status uploadedSliceCount
     masks(limit: $limit, offset: $offset) { id sliceIndex fileSize checksum } } }"""
-
-
-@dataclass
-class Figure:
-    name: str
-    value: float
-    unit: str
-    goal: str | None = None
-    ok: bool | None = None
-    note: str | None = None
 
 
 @dataclass
@@ -478,13 +468,9 @@ def main() -> None:
         rows = figures_of(tuned, stock, big, args.big)
         print()
         print_figures(rows)
-        if args.json:
-            report = {
-                "title": "Batches: upload URLs, completion, a big group's memory, the GC",
-                "figures": [row.__dict__ for row in rows],
-                "context": context,
-            }
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        report = Report("Batches: upload URLs, completion, a big group's memory, the GC")
+        report.figures, report.context = rows, context
+        report.write(args.json)
     finally:
         workdir.cleanup()
         if created is not None:
