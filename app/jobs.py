@@ -44,6 +44,8 @@ from app.storage import Storage
 # A generator of its own: jitter must not draw from (nor disturb) the global `random` that
 # the rest of the process, or a test framework seeding it, relies on.
 _JITTER = random.Random()
+# How soon a woken job asks again for a lease another holder had.
+WOKEN_RETRY_SECONDS = 1.0
 logger = logging.getLogger(__name__)
 
 Row = TypeVar("Row", bound=Base)
@@ -143,24 +145,35 @@ class JobRunner:
         processes = self.context.settings.workers
         period = interval * processes
         delay = period * (_JITTER.uniform(0.9, 1.1) if processes == 1 else _JITTER.random())
+        retry = False
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), delay)
             # Jitter keeps replicas started together from claiming in lockstep.
             delay = period * _JITTER.uniform(0.9, 1.1)
             # Cleared before the run: a wake during it means work the run may have missed.
-            woken = wake.is_set()
+            woken = wake.is_set() or retry
             wake.clear()
             try:
-                await self.run_once(job, force=woken)
+                claimed, _report = await self._run(job, force=woken)
             except Exception:
                 logger.exception("job %s failed; it runs again in %.0f s", job.name, interval)
+                claimed = True
+            # Woken for new work while another replica (or worker) holds the lease: its run
+            # may have read before that work was committed, so ask again soon rather than a
+            # whole period later (a completed upload's VALIDATED waited up to a minute).
+            retry = woken and not claimed
+            if retry:
+                delay = min(delay, WOKEN_RETRY_SECONDS)
 
     async def run_once(self, job: Job, *, force: bool = False) -> object | None:
         """Run the job if this replica claims it; None when another holds it or (unless
         `force`, as the command line does) it is not due yet."""
+        return (await self._run(job, force=force))[1]
+
+    async def _run(self, job: Job, *, force: bool) -> tuple[bool, object | None]:
         if not await self._claim(job, utcnow(), force=force):
-            return None
+            return False, None
         error: str | None = None
         try:
             report = await job.run(self.context)
@@ -171,7 +184,7 @@ class JobRunner:
             await self._release(job, error)
         # A report that is false (an export poll that found nothing) is not worth a log line.
         logger.log(logging.INFO if report else logging.DEBUG, "job %s: %s", job.name, report)
-        return report
+        return True, report
 
     async def _claim(self, job: Job, now: datetime, *, force: bool) -> bool:
         return await acquire_lease(
