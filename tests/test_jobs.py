@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,16 @@ from conftest import base_settings, open_stack
 from sqlalchemy import select
 
 from app.db import create_engine, create_sessionmaker
-from app.jobs import Job, JobContext, JobRunner
+from app.jobs import (
+    WOKEN_RETRY_SECONDS,
+    Job,
+    JobContext,
+    JobRunner,
+    acquire_lease,
+    release_lease,
+)
 from app.main import open_storage
-from app.models import JobRun
+from app.models import JobRun, utcnow
 
 
 async def test_a_failing_run_is_logged_and_retried_then_the_runner_stops(
@@ -116,6 +124,47 @@ async def test_wake_runs_a_job_now_rather_than_at_its_interval(
             runner.wake(name)
             await asyncio.wait_for(runs.get(), timeout=5)
         assert runs.empty()
+    finally:
+        await runner.stop()
+        await storage.aclose()
+        await engine.dispose()
+
+
+async def test_a_wake_while_another_replica_holds_the_lease_runs_once_it_is_released(
+    database_url: str, tmp_path: Path
+) -> None:
+    # The other replica's run may have read before the work that woke us was committed: the
+    # woken runner must run after it, not a whole interval (here an hour) later.
+    settings = base_settings(
+        database_url=database_url,
+        var_dir=tmp_path,
+        cleanup_enabled=True,
+        cleanup_interval_seconds=3600,
+    )
+    engine = create_engine(settings.resolved_database_url)
+    sessionmaker = create_sessionmaker(engine)
+    storage = await open_storage(settings)
+    runs = asyncio.Queue[str]()
+
+    async def record(context: JobContext) -> str:
+        runs.put_nowait(context.owner)
+        return context.owner
+
+    name = f"held-{tmp_path.name}"
+    job = Job(name, record, "cleanup_enabled", "cleanup_interval_seconds")
+    runner = JobRunner(JobContext(settings, sessionmaker, storage, "woken"), [job])
+    try:
+        held = await acquire_lease(
+            sessionmaker, name, "other", now=utcnow(), lease=timedelta(hours=1), force=True
+        )
+        assert held
+        runner.start()
+        runner.wake(name)
+        # The woken run found the lease taken; nothing runs while the other holds it.
+        await asyncio.sleep(WOKEN_RETRY_SECONDS * 2.5)
+        assert runs.empty()
+        await release_lease(sessionmaker, name, "other", None)
+        assert await asyncio.wait_for(runs.get(), timeout=WOKEN_RETRY_SECONDS * 10) == "woken"
     finally:
         await runner.stop()
         await storage.aclose()
