@@ -54,7 +54,9 @@ async def _seed_tree(stack: Stack, groups: int, masks: int) -> str:
 async def _tree_statements(stack: Stack, annotation_id: str) -> tuple[int, dict[str, Any]]:
     with count_statements(stack.services.engine) as statements:
         data = await stack.data(TREE, {"id": annotation_id})
-    return len(statements), data
+    # The token lookup is kept for TOKEN_CACHE_SECONDS, so whether it runs depends on when
+    # the token was last used, not on the tree.
+    return len([s for s in statements if "api_token" not in s]), data
 
 
 async def test_tree_runs_a_constant_number_of_statements(stack: Stack) -> None:
@@ -66,8 +68,8 @@ async def test_tree_runs_a_constant_number_of_statements(stack: Stack) -> None:
     assert len(groups) == 10
     assert sum(len(group["masks"]) for group in groups) == 10_000
     assert large_count == small_count
-    # The token, the annotation, its groups, their masks (group.annotation: loader cache).
-    assert large_count <= 4
+    # The annotation, its groups, their masks (group.annotation: loader cache).
+    assert large_count <= 3
 
 
 async def test_annotations_list_with_groups_is_constant(stack: Stack) -> None:
