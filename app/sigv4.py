@@ -11,6 +11,7 @@ exactly before accepting requests.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # SigV4 refuses longer-lived presigned URLs.
 MAX_PRESIGN_EXPIRES = 7 * 24 * 3600
+# Signed GETs kept for reuse: a tree read again within a signing step (app.storage.
+# signing_time) asks for the same URLs. About 0.6 KiB each, so ~5 MiB at most.
+GET_CACHE_SIZE = 8192
 
 _PROBE_KEY = "pacs-masks-presigner-probe/x"
 _PROBE_CONTENT_TYPE = "image/png"
@@ -87,6 +91,8 @@ class Presigner:
     def credentials(self, credentials: Credentials) -> None:
         self._credentials = credentials
         self._signing_keys = {}
+        # URLs signed with other credentials may stop working with them: a new cache.
+        self._cached_get = functools.lru_cache(maxsize=GET_CACHE_SIZE)(self._get)
         self._last_stamp: tuple[tuple[datetime, int], tuple[str, str, str, str]] | None = None
         token = credentials.token
         self._token_param = f"X-Amz-Security-Token={_quote_query(token)}" if token else None
@@ -140,6 +146,23 @@ class Presigner:
             raise ValueError("empty storage key")
         if not 1 <= expires_in <= MAX_PRESIGN_EXPIRES:
             raise ValueError(f"expires_in must be within 1..{MAX_PRESIGN_EXPIRES} seconds")
+        if method == "GET" and content_type is None and content_md5 is None:
+            url: str = self._cached_get(key, expires_in, now)
+            return url
+        return self._sign(method, key, expires_in, now, content_type, content_md5)
+
+    def _get(self, key: str, expires_in: int, now: datetime) -> str:
+        return self._sign("GET", key, expires_in, now, None, None)
+
+    def _sign(
+        self,
+        method: str,
+        key: str,
+        expires_in: int,
+        now: datetime,
+        content_type: str | None,
+        content_md5: str | None,
+    ) -> str:
         amz_date, date, scope, head = self._stamp(now, expires_in)
         # quote() costs ~4 µs; our keys are almost always made of characters it keeps.
         encoded_key = key if _UNRESERVED_PATH.fullmatch(key) else quote(key, safe="/~")

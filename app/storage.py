@@ -11,7 +11,7 @@ import binascii
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from app.config import CONTENT_TYPE_EXTENSIONS
@@ -59,6 +59,19 @@ def md5_base64_to_hex(content_md5: str) -> str | None:
 
 def md5_hex_to_base64(md5_hex: str) -> str:
     return base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii")
+
+
+# A presigned GET of a stored mask is signed at a time rounded down to a tenth of its TTL (a
+# minute at most): within that step the same object gets the same URL, so a tree read again
+# is answered with URLs already signed (app.sigv4.Presigner keeps them) and a browser's cache
+# can answer the image it loaded before. Such a URL lives between 9/10 of the TTL and the TTL.
+MAX_SIGNING_STEP_SECONDS = 60
+
+
+def signing_time(now: datetime, ttl_seconds: int) -> datetime:
+    step = min(MAX_SIGNING_STEP_SECONDS, max(1, ttl_seconds // 10))
+    seconds = int((now if now.tzinfo is not None else now.replace(tzinfo=UTC)).timestamp())
+    return datetime.fromtimestamp(seconds - seconds % step, tz=UTC)
 
 
 @dataclass(frozen=True, slots=True)

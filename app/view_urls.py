@@ -10,6 +10,7 @@ TTL and the TTL."""
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import math
 import time
@@ -28,6 +29,8 @@ except ImportError:  # Python built without OpenSSL
 
 SECRET_FILE = "view-url-secret"
 SIGNATURE_BYTES = 16
+# URLs kept for reuse: within a step a tree read again asks for the same ones. ~0.2 KiB each.
+URL_CACHE_SIZE = 8192
 
 
 class ViewUrlSigner:
@@ -35,6 +38,7 @@ class ViewUrlSigner:
         self._mac = keyed_hmac(secret, b"pacs-masks view url\n", "sha256")
         self.ttl_seconds = ttl_seconds
         self._step = max(1, ttl_seconds // 5)
+        self.url = functools.lru_cache(maxsize=URL_CACHE_SIZE)(self._url)  # type: ignore[method-assign]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ViewUrlSigner:
@@ -54,6 +58,9 @@ class ViewUrlSigner:
         return math.floor(now / self._step) * self._step + self.ttl_seconds
 
     def url(self, group_id: int | str, slice_index: int, label: str | None, expires: int) -> str:
+        return self._url(group_id, slice_index, label, expires)
+
+    def _url(self, group_id: int | str, slice_index: int, label: str | None, expires: int) -> str:
         label_part = f"&label={quote(label)}" if label else ""
         signature = self._signature(str(group_id), str(slice_index), label or "", str(expires))
         return (

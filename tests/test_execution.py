@@ -7,7 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 import pytest
@@ -51,12 +51,14 @@ QUERIES = [
     QUERIES,
     ids=["plain", "aliases-fragments", "arguments", "empty", "inline-paged", "same-list-twice"],
 )
+@pytest.mark.parametrize("stream_rows", [2, 5000], ids=["streamed", "one-round-trip"])
 async def test_fast_path_matches_standard_execution(
-    stack: Stack, query: str, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, query: str, stream_rows: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Small chunks and stream partitions, so that lists and groups straddle their boundaries.
+    # Small chunks and stream partitions, so that lists and groups straddle their boundaries;
+    # or all rows in the first round trip, which is not streamed.
     monkeypatch.setattr(encoded, "CHUNK_ITEMS", 3)
-    monkeypatch.setattr(loaders, "STREAM_ROWS", 2)
+    monkeypatch.setattr(loaders, "STREAM_ROWS", stream_rows)
     annotation_id = await create_annotation(stack)
     group_id = await create_group(stack, annotation_id, 3)
     await upload(stack, group_id, range(3))
@@ -176,11 +178,17 @@ async def test_download_urls_by_arguments_match_standard_execution(stack: Stack,
         assert {e["extensions"]["code"] for e in served["errors"]} == {"BAD_USER_INPUT"}
         assert json.loads(results[0][1])[0]["message"].startswith("ttlSeconds must be")
     if name == "two-ttls":
-        # A list's URLs share one signing time, whichever path signs them.
+        # A list's URLs share one signing time, whichever path signs them, rounded down to
+        # each TTL's step (app.storage.signing_time: 6 s for 60, 60 s for 600).
+        default_ttl = stack.settings.signed_url_default_ttl
         for mask in masks:
-            short = datetime.fromisoformat(mask["short"]["expiresAt"])
-            long = datetime.fromisoformat(mask["long"]["expiresAt"])
-            assert (long - short).total_seconds() == stack.settings.signed_url_default_ttl - 60
+            short = datetime.fromisoformat(mask["short"]["expiresAt"]) - timedelta(seconds=60)
+            long = datetime.fromisoformat(mask["long"]["expiresAt"]) - timedelta(
+                seconds=default_ttl
+            )
+            assert short.timestamp() % 6 == 0
+            assert long.timestamp() % min(60, default_ttl // 10) == 0
+            assert long <= short < long + timedelta(seconds=min(60, default_ttl // 10))
             assert mask["again"]["expiresAt"] == mask["short"]["expiresAt"]
 
 

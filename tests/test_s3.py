@@ -17,12 +17,20 @@ import botocore.session
 import httpx
 import pytest
 from botocore.config import Config
+from hypothesis import given
+from hypothesis import strategies as st
 from storage_servers import BUCKET, MotoServer, RcloneServer, presigned_put, s3_settings
 
 from app.config import CONTENT_TYPE_EXTENSIONS, Settings
 from app.s3 import S3Storage
 from app.sigv4 import Credentials, Presigner
-from app.storage import StorageError, group_prefix, mask_key
+from app.storage import (
+    MAX_SIGNING_STEP_SECONDS,
+    StorageError,
+    group_prefix,
+    mask_key,
+    signing_time,
+)
 
 # A 1x1 transparent PNG.
 PNG = base64.b64decode(
@@ -632,3 +640,38 @@ def test_new_credentials_sign_like_a_new_presigner() -> None:
     assert presigner.presign("GET", "mask/1/2/a.png", expires_in=60, now=now) == fresh.presign(
         "GET", "mask/1/2/a.png", expires_in=60, now=now
     )
+
+
+@given(
+    now=st.datetimes(
+        min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+    ),
+    ttl=st.integers(min_value=1, max_value=7 * 24 * 3600),
+)
+def test_signing_time_keeps_nine_tenths_of_the_ttl(now: datetime, ttl: int) -> None:
+    """Masks' GETs are signed at a rounded time, so that a tree read again gets the same URLs;
+    the URL still lives at least 9/10 of the TTL asked, and never longer than it."""
+    signed = signing_time(now, ttl)
+    step = min(MAX_SIGNING_STEP_SECONDS, max(1, ttl // 10))
+    assert signed <= now < signed + timedelta(seconds=step)
+    assert signed.timestamp() % step == 0
+    assert signed + timedelta(seconds=ttl) - now >= timedelta(seconds=ttl) * 0.9 - timedelta(
+        seconds=1
+    )
+    assert signing_time(signed + timedelta(seconds=step - 1), ttl) == signed
+    # A naive time is read as UTC.
+    assert signing_time(now.replace(tzinfo=None), ttl) == signed
+
+
+def test_a_signed_get_is_reused_within_its_signing_time() -> None:
+    credentials = Credentials("AKIDEXAMPLE", "secret", None)
+    now = datetime(2026, 1, 2, 3, 4, 0, tzinfo=UTC)
+    presigner = Presigner("http://127.0.0.1:9000/bucket", "us-east-1", "s3", credentials)
+    first = presigner.presign("GET", "mask/1/2/a.png", expires_in=600, now=now)
+    assert presigner.presign("GET", "mask/1/2/a.png", expires_in=600, now=now) is first
+    later = presigner.presign("GET", "mask/1/2/a.png", expires_in=600, now=now + timedelta(1))
+    assert later != first
+    # Signed PUTs cover a body's checksum: never reused.
+    put = {"content_type": "image/png", "content_md5": "1B2M2Y8AsgTpgAmY7PhCfg=="}
+    one = presigner.presign("PUT", "mask/1/2/a.png", expires_in=600, now=now, **put)
+    assert presigner.presign("PUT", "mask/1/2/a.png", expires_in=600, now=now, **put) is not one

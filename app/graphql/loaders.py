@@ -106,11 +106,12 @@ class Loaders:
         self.validation_of_group = DataLoader(self._validations_of_groups)
         self.dicom_export = DataLoader(self._latest_dicom_exports)
 
-    async def _rows(self, statement: Select[Any], ids: list[int]) -> Sequence[Row[Any]]:
+    async def _rows(self, statement: Select[Any], ids: list[int] | None) -> Sequence[Row[Any]]:
         # A Core connection, not an ORM session: these reads need no identity map, and the
         # session's bookkeeping was a tenth of a small tree's server time.
         async with self._engine.connect() as connection:
-            rows: Sequence[Row[Any]] = (await connection.execute(statement, {"ids": ids})).all()
+            parameters = {"ids": ids} if ids is not None else {}
+            rows: Sequence[Row[Any]] = (await connection.execute(statement, parameters)).all()
         return rows
 
     async def _annotations(self, ids: list[int]) -> list[Row[Any] | None]:
@@ -148,9 +149,16 @@ class Loaders:
             by_filter[mask_filter].append(key_group)
         try:
             for mask_filter, group_ids in by_filter.items():
-                statement = _masks_statement(group_ids, mask_filter).execution_options(
-                    yield_per=STREAM_ROWS
-                )
+                statement = _masks_statement(group_ids, mask_filter)
+                # Most trees fit in one round trip: asked plainly, they cost no transaction
+                # and cursor of their own. A bigger one is asked again, streamed.
+                first = await self._rows(statement.limit(STREAM_ROWS + 1), None)
+                if len(first) <= STREAM_ROWS:
+                    for each_group, group_rows in groupby(first, itemgetter(0)):
+                        _deliver(waiting.pop((each_group, mask_filter), []), list(group_rows))
+                    continue
+                del first
+                statement = statement.execution_options(yield_per=STREAM_ROWS)
                 async with self._sessionmaker() as session:
                     await session.connection(execution_options=self._stream_options)
                     result = await session.stream(statement)

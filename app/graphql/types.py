@@ -24,7 +24,7 @@ from app.graphql.rows import FromRow
 from app.graphql.selections import needed_columns, selected_names
 from app.models import utcnow
 from app.principals import Role
-from app.storage import SignedRequest, Storage
+from app.storage import SignedRequest, Storage, signing_time
 from app.upload_urls import UploadTarget
 from app.validation import check_page, signed_url_ttl
 from app.view_urls import ViewUrlSigner
@@ -299,7 +299,7 @@ class Mask(FromRow):
     signed_at: strawberry.Private[datetime | None] = None
 
     def signed_get(self, storage: Storage, ttl: int) -> SignedUrl:
-        now = utcnow() if self.signed_at is None else self.signed_at
+        now = signing_time(utcnow() if self.signed_at is None else self.signed_at, ttl)
         return SignedUrl.from_request(storage.presign_get(self.file_path, expires_in=ttl, now=now))
 
     @strawberry.field(
