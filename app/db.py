@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -8,6 +9,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, MetaData, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -35,7 +37,35 @@ def create_engine(url: str) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _configure_sqlite)
         event.listen(engine.sync_engine, "begin", _begin_sqlite)
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    engine = create_async_engine(url, pool_size=10, max_overflow=20)
+    event.listen(engine.sync_engine, "checkout", _ping_if_idle)
+    event.listen(engine.sync_engine, "connect", _note_checkin)  # a new one needs no ping
+    event.listen(engine.sync_engine, "checkin", _note_checkin)
+    return engine
+
+
+# A pooled connection is pinged before use only when it has been idle this long. SQLAlchemy's
+# pool_pre_ping pings at every checkout, and asyncpg's ping is BEGIN, `;` and ROLLBACK: three
+# round trips before each of a tree's three reads. A connection back in the pool a moment ago
+# was alive then; should the server restart in between, the statement that finds it dead fails
+# and SQLAlchemy discards every pooled connection older than that failure.
+PING_AFTER_IDLE_SECONDS = 5.0
+_CHECKED_IN_AT = "pacs_masks_checked_in_at"
+
+
+def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    checked_in_at = record.info.get(_CHECKED_IN_AT)
+    if checked_in_at is not None and time.monotonic() - checked_in_at < PING_AFTER_IDLE_SECONDS:
+        return
+    try:
+        dbapi_connection.ping()
+    except Exception as error:
+        # The pool discards this connection and checks out another (up to three times).
+        raise DisconnectionError(str(error)) from error
+
+
+def _note_checkin(_dbapi_connection: Any, record: Any) -> None:
+    record.info[_CHECKED_IN_AT] = time.monotonic()
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
