@@ -4,6 +4,7 @@ since Strawberry resolves sibling fields and batches concurrently."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -106,11 +107,14 @@ class Loaders:
         self.validation_of_group = DataLoader(self._validations_of_groups)
         self.dicom_export = DataLoader(self._latest_dicom_exports)
 
-    async def _rows(self, statement: Select[Any], ids: list[int] | None) -> Sequence[Row[Any]]:
+    async def _rows(
+        self, statement: Select[Any], ids: list[int] | dict[str, Any]
+    ) -> Sequence[Row[Any]]:
+        """`ids` binds the statements' expanding `ids`, or is every parameter."""
         # A Core connection, not an ORM session: these reads need no identity map, and the
         # session's bookkeeping was a tenth of a small tree's server time.
         async with self._engine.connect() as connection:
-            parameters = {"ids": ids} if ids is not None else {}
+            parameters = ids if isinstance(ids, dict) else {"ids": ids}
             rows: Sequence[Row[Any]] = (await connection.execute(statement, parameters)).all()
         return rows
 
@@ -149,10 +153,12 @@ class Loaders:
             by_filter[mask_filter].append(key_group)
         try:
             for mask_filter, group_ids in by_filter.items():
-                statement = _masks_statement(group_ids, mask_filter)
+                statement, first_statement, parameters = _masks_statement(mask_filter)
+                parameters["ids"] = group_ids
                 # Most trees fit in one round trip: asked plainly, they cost no transaction
                 # and cursor of their own. A bigger one is asked again, streamed.
-                first = await self._rows(statement.limit(STREAM_ROWS + 1), None)
+                first_parameters = {**parameters, "first_rows": STREAM_ROWS + 1}
+                first = await self._rows(first_statement, first_parameters)
                 if len(first) <= STREAM_ROWS:
                     for each_group, group_rows in groupby(first, itemgetter(0)):
                         _deliver(waiting.pop((each_group, mask_filter), []), list(group_rows))
@@ -161,7 +167,7 @@ class Loaders:
                 statement = statement.execution_options(yield_per=STREAM_ROWS)
                 async with self._sessionmaker() as session:
                     await session.connection(execution_options=self._stream_options)
-                    result = await session.stream(statement)
+                    result = await session.stream(statement, parameters)
                     group_id: int | None = None
                     rows: list[Row[Any]] = []
                     async for chunk in result.partitions():
@@ -214,17 +220,63 @@ def _read_error(future: GroupRows) -> None:
         future.exception()
 
 
-def _masks_statement(group_ids: list[int], mask_filter: MaskFilter) -> Select[Any]:
-    conditions: list[ColumnElement[bool]] = [mask_table.c.mask_group_id.in_(group_ids)]
-    if mask_filter.slice_index_from is not None:
-        conditions.append(mask_table.c.slice_index >= mask_filter.slice_index_from)
-    if mask_filter.slice_index_to is not None:
-        conditions.append(mask_table.c.slice_index <= mask_filter.slice_index_to)
-    if mask_filter.label_name is not None:
-        conditions.append(mask_table.c.label_name == mask_filter.label_name)
-    names = mask_table.columns.keys() if mask_filter.columns is None else mask_filter.columns
+def _masks_statement(
+    mask_filter: MaskFilter,
+) -> tuple[Select[Any], Select[Any], dict[str, Any]]:
+    """The statement for a batch of groups, the same for its first `first_rows` rows, and
+    their parameters but `ids` (the group ids) and `first_rows`."""
+    statement, first = _masks_statement_of_shape(
+        mask_filter.slice_index_from is not None,
+        mask_filter.slice_index_to is not None,
+        mask_filter.label_name is not None,
+        mask_filter.limit is not None,
+        mask_filter.offset != 0,
+        mask_filter.columns,
+    )
+    parameters = {
+        "slice_from": mask_filter.slice_index_from,
+        "slice_to": mask_filter.slice_index_to,
+        "label": mask_filter.label_name,
+        "offset": mask_filter.offset,
+    }
+    if mask_filter.limit is not None:
+        parameters["last"] = mask_filter.offset + mask_filter.limit
+    return statement, first, parameters
+
+
+# Built once per shape, with bound parameters: built per request (its clauses, its cache key),
+# it cost as much as running it on a small tree.
+@functools.lru_cache(maxsize=256)
+def _masks_statement_of_shape(
+    slice_from: bool,
+    slice_to: bool,
+    label: bool,
+    limited: bool,
+    offset: bool,
+    names: tuple[str, ...] | None,
+) -> tuple[Select[Any], Select[Any]]:
+    statement = _masks_select(slice_from, slice_to, label, limited, offset, names)
+    return statement, statement.limit(bindparam("first_rows"))
+
+
+def _masks_select(
+    slice_from: bool,
+    slice_to: bool,
+    label: bool,
+    limited: bool,
+    offset: bool,
+    names: tuple[str, ...] | None,
+) -> Select[Any]:
+    conditions: list[ColumnElement[bool]] = [mask_table.c.mask_group_id.in_(IDS)]
+    if slice_from:
+        conditions.append(mask_table.c.slice_index >= bindparam("slice_from"))
+    if slice_to:
+        conditions.append(mask_table.c.slice_index <= bindparam("slice_to"))
+    if label:
+        conditions.append(mask_table.c.label_name == bindparam("label"))
+    names = tuple(mask_table.columns.keys()) if names is None else names
     columns = [mask_table.c[name] for name in dict.fromkeys(("mask_group_id", *names))]
-    if mask_filter.limit is None and mask_filter.offset == 0:
+    if not limited and not offset:
         return select(*columns).where(*conditions).order_by(mask_table.c.mask_group_id, *MASK_ORDER)
     # Paging applies per group, so number each group's masks and cut in one statement.
     position = (
@@ -233,9 +285,9 @@ def _masks_statement(group_ids: list[int], mask_filter: MaskFilter) -> Select[An
         .label("position")
     )
     numbered = select(*columns, position).where(*conditions).subquery()
-    window = [numbered.c.position > mask_filter.offset]
-    if mask_filter.limit is not None:
-        window.append(numbered.c.position <= mask_filter.offset + mask_filter.limit)
+    window = [numbered.c.position > bindparam("offset")]
+    if limited:
+        window.append(numbered.c.position <= bindparam("last"))
     return (
         select(*(numbered.c[column.name] for column in columns))
         .where(*window)
