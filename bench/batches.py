@@ -22,9 +22,7 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,32 +32,17 @@ from typing import Any
 import aiohttp
 import httpx
 import yarl
-from run import (
-    ADMIN_URL,
-    BIN,
-    BUCKET,
+from figures import Figure, Report, cpu_model, proc_status_kib
+from harness import (
     COMPLETE,
     PUT_CONCURRENCY,
     REQUEST_URLS,
     Client,
-    admin_execute,
-    content_md5,
-    cpu_model,
-    free_port,
-    png_bytes,
     postgres_version,
-    proc_status_kib,
-    run_cli,
-    server_env,
-    stop,
-    wait_ready,
+    serving,
+    slices_of,
+    stack,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from figures import Figure, Report
-from storage_servers import SeaweedServer, running_seaweed, s3_settings
-
-from app.main import open_storage
 
 BATCH = 5000
 TIMINGS = re.compile(r"([a-z]+);dur=([0-9.]+)")
@@ -123,15 +106,6 @@ class Api:
 
     def peak_mib(self) -> float:
         return proc_status_kib(self.pid, "VmHWM") / 1024
-
-
-def slices_of(start: int, count: int) -> tuple[list[dict[str, Any]], dict[int, bytes]]:
-    bodies = {index: png_bytes(index) for index in range(start, start + count)}
-    slices = [
-        {"sliceIndex": i, "fileSize": len(body), "contentMd5": content_md5(body)}
-        for i, body in bodies.items()
-    ]
-    return slices, bodies
 
 
 async def request_urls(api: Api, group: str, slices: list[dict[str, Any]]) -> Timed:
@@ -241,34 +215,20 @@ async def end_to_end(api: Api, count: int) -> EndToEnd:
     return result
 
 
-def serve(env: dict[str, str], workdir: str, token: str, work: Any) -> Any:
+def serve(env: dict[str, str], workdir: Path, token: str, work: Any) -> Any:
     """Runs `work(api)` against a fresh `pacs-masks serve` with `env`."""
-    port = free_port()
-    log = Path(workdir) / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(BIN / "pacs-masks"), "serve", "--port", str(port)],
-            env=env,
-            cwd=workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
 
     async def session() -> Any:
-        base_url = f"http://127.0.0.1:{port}"
-        await wait_ready(base_url, process, log)
+        await server.ready()
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         async with (
-            httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as http,
+            httpx.AsyncClient(base_url=server.url, timeout=300, limits=limits) as http,
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as storage,
         ):
-            return await work(Api(Client(http, token), process.pid, storage))
+            return await work(Api(Client(http, token), server.process.pid, storage))
 
-    try:
+    with serving(env, workdir) as server:
         return asyncio.run(session())
-    finally:
-        stop(process)
 
 
 def own(timings: dict[str, float]) -> float:
@@ -328,40 +288,20 @@ def figures_of(tuned: Batches, stock: Batches, big: EndToEnd | None, count: int)
             "includes parsing the listing",
         ),
         Figure("server peak RSS after these batches", round(tuned.peak_mib, 1), "MiB"),
-        plain(
-            "stock GC: requestMaskUploadUrls 1000, first call",
-            metric([stock.first_request], "app"),
-            "ms",
-        ),
-        plain(
-            "stock GC: requestMaskUploadUrls 1000 (median)", metric(stock.request_1000, "app"), "ms"
-        ),
-        plain(
-            "stock GC: requestMaskUploadUrls 5000 (median)", metric(stock.request_5000, "app"), "ms"
-        ),
-        plain(
-            "stock GC: completeMaskUpload 1000, own work (median)",
-            metric(stock.complete_1000, "own"),
-            "ms",
-        ),
-        plain(
-            "requestMaskUploadUrls 5000: time in GC (median)",
-            metric(tuned.request_5000, "gc"),
-            "ms",
-        ),
-        plain(
-            "stock GC: requestMaskUploadUrls 5000: time in GC (median)",
-            metric(stock.request_5000, "gc"),
-            "ms",
-        ),
-        plain(
-            "completeMaskUpload 1000: time in GC (median)", metric(tuned.complete_1000, "gc"), "ms"
-        ),
-        plain(
-            "stock GC: completeMaskUpload 1000: time in GC (median)",
-            metric(stock.complete_1000, "gc"),
-            "ms",
-        ),
+    ]
+    # Medians only: the stock GC, and the time in GC of either.
+    medians = [
+        ("stock GC: requestMaskUploadUrls 1000, first call", [stock.first_request], "app"),
+        ("stock GC: requestMaskUploadUrls 1000 (median)", stock.request_1000, "app"),
+        ("stock GC: requestMaskUploadUrls 5000 (median)", stock.request_5000, "app"),
+        ("stock GC: completeMaskUpload 1000, own work (median)", stock.complete_1000, "own"),
+        ("requestMaskUploadUrls 5000: time in GC (median)", tuned.request_5000, "gc"),
+        ("stock GC: requestMaskUploadUrls 5000: time in GC (median)", stock.request_5000, "gc"),
+        ("completeMaskUpload 1000: time in GC (median)", tuned.complete_1000, "gc"),
+        ("stock GC: completeMaskUpload 1000: time in GC (median)", stock.complete_1000, "gc"),
+    ]
+    rows += [plain(name, metric(calls, of), "ms") for name, calls, of in medians]
+    rows += [
         ratio(
             "GC tuning: requestMaskUploadUrls 5000 speed-up",
             metric(stock.request_5000, "cpu"),
@@ -399,7 +339,7 @@ def print_figures(rows: list[Figure]) -> None:
 
 
 def measure(
-    env: dict[str, str], workdir: str, token: str, repeat: int, count: int
+    env: dict[str, str], workdir: Path, token: str, repeat: int, count: int
 ) -> tuple[Batches, Batches, EndToEnd | None]:
     async def with_big_group(api: Api) -> tuple[Batches, EndToEnd | None]:
         done = await batches(api, repeat)
@@ -416,15 +356,6 @@ def measure(
     return tuned, stock, big
 
 
-async def create_bucket(seaweed: SeaweedServer) -> None:
-    settings = s3_settings(seaweed.endpoint_url, seaweed.access_key, seaweed.secret_key, BUCKET)
-    storage = await open_storage(settings)
-    try:
-        await storage.ensure_bucket([])
-    finally:
-        await storage.aclose()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--database-url", help="an existing, empty PostgreSQL database")
@@ -433,48 +364,25 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args()
 
-    created = None
-    database_url: str = args.database_url
-    if database_url is None:
-        created = f"pacs_masks_bench_{uuid.uuid4().hex[:12]}"
-        asyncio.run(admin_execute(f'CREATE DATABASE "{created}"'))
-        database_url = f"{ADMIN_URL.rsplit('/', 1)[0]}/{created}"
-    workdir = tempfile.TemporaryDirectory(prefix="pacs-masks-bench-")
-    try:
+    with stack(args.database_url) as built:
         context: dict[str, Any] = {
             "machine": platform.platform(),
             "python": f"{sys.version.split()[0]} ({platform.python_implementation()})",
             "cpu": f"{cpu_model()}, {os.cpu_count()} cores",
             "load average": " ".join(f"{load:.2f}" for load in os.getloadavg()),
-            "postgresql": asyncio.run(postgres_version(database_url)),
+            "postgresql": asyncio.run(postgres_version(built.database_url)),
             "storage": "SeaweedFS S3 over loopback",
             "repeat": args.repeat,
         }
         for key, value in context.items():
             print(f"{key + ':':14}{value}")
-        with running_seaweed(Path(workdir.name) / "seaweedfs") as seaweed:
-            asyncio.run(create_bucket(seaweed))
-            env = server_env(database_url, seaweed.endpoint_url)
-            env.update(
-                AWS_ACCESS_KEY_ID=seaweed.access_key, AWS_SECRET_ACCESS_KEY=seaweed.secret_key
-            )
-            cli = str(BIN / "pacs-masks")
-            run_cli(cli, env, workdir.name, "migrate")
-            token = run_cli(
-                cli, env, workdir.name, "create-token", "--user", "bench", "--role", "uploader"
-            )
-            token = token.strip().splitlines()[-1]
-            tuned, stock, big = measure(env, workdir.name, token, args.repeat, args.big)
-        rows = figures_of(tuned, stock, big, args.big)
-        print()
-        print_figures(rows)
-        report = Report("Batches: upload URLs, completion, a big group's memory, the GC")
-        report.figures, report.context = rows, context
-        report.write(args.json)
-    finally:
-        workdir.cleanup()
-        if created is not None:
-            asyncio.run(admin_execute(f'DROP DATABASE IF EXISTS "{created}" WITH (FORCE)'))
+        tuned, stock, big = measure(built.env, built.workdir, built.uploader, args.repeat, args.big)
+    rows = figures_of(tuned, stock, big, args.big)
+    print()
+    print_figures(rows)
+    report = Report("Batches: upload URLs, completion, a big group's memory, the GC")
+    report.figures, report.context = rows, context
+    report.write(args.json)
 
 
 if __name__ == "__main__":

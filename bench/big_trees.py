@@ -15,37 +15,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-import uuid
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
-from moto.server import ThreadedMotoServer
-from run import (
-    ADMIN_URL,
-    BIN,
+from figures import figure_dict, proc_status_kib
+from harness import (
     TIMING,
     TREE,
-    admin_execute,
-    cpu_model,
-    create_bucket,
-    free_port,
-    postgres_version,
-    proc_status_kib,
-    run_cli,
-    server_env,
-    start_moto,
-    stop,
-    wait_ready,
+    Server,
+    host_context,
+    print_context,
+    serving,
+    stack,
 )
 
 TITLE = "Big mask trees (10 groups x 1000 and x 10,000 masks, concurrency 1)"
@@ -191,23 +178,14 @@ async def time_raw(database_url: str, annotation_id: int, repeat: int) -> tuple[
 Figure = dict[str, Any]
 
 
-def fig(name: str, value: float, unit: str, goal: str | None = None, ok: bool | None = None,
-        note: str | None = None) -> Figure:  # fmt: skip
-    return {"name": name, "value": round(value, 2), "unit": unit, "goal": goal, "ok": ok,
-            "note": note}  # fmt: skip
+fig = partial(figure_dict, digits=2)
 
 
-async def bench(
-    base_url: str,
-    process: subprocess.Popen[bytes],
-    log: Path,
-    token: str,
-    database_url: str,
-    repeat: int,
-) -> list[Figure]:
-    await wait_ready(base_url, process, log)
+async def bench(server: Server, token: str, database_url: str, repeat: int) -> list[Figure]:
+    await server.ready()
+    process = server.process
     figures: list[Figure] = []
-    async with httpx.AsyncClient(base_url=base_url, timeout=300) as http:
+    async with httpx.AsyncClient(base_url=server.url, timeout=300) as http:
         for per_group, repeats in ((1000, repeat), (10_000, max(3, repeat // 2))):
             label = f"{GROUPS}x{per_group}"
             annotation_id = await seed(
@@ -268,46 +246,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures to this file as JSON")
     args = parser.parse_args()
 
-    created = f"pacs_masks_bench_{uuid.uuid4().hex[:12]}"
-    asyncio.run(admin_execute(f'CREATE DATABASE "{created}"'))
-    database_url = f"{ADMIN_URL.rsplit('/', 1)[0]}/{created}"
-    moto: ThreadedMotoServer | None = None
-    process: subprocess.Popen[bytes] | None = None
-    workdir = tempfile.TemporaryDirectory(prefix="pacs-masks-bench-")
-    try:
-        context = {
-            "machine": platform.platform(),
-            "python": sys.version.split()[0],
-            "cpu": f"{cpu_model()}, {os.cpu_count()} cores",
-            "postgresql": asyncio.run(postgres_version(database_url)),
-            "repeat": args.repeat,
-        }
-        for key, value in context.items():
-            print(f"{key + ':':12}{value}")
+    with stack(moto=True) as built:
+        context = {**host_context(built.database_url), "repeat": args.repeat}
+        print_context(context)
         print()
-        moto, moto_url = start_moto()
-        asyncio.run(create_bucket(moto_url))
-        env = server_env(database_url, moto_url)
-        cli = str(BIN / "pacs-masks")
-        run_cli(cli, env, workdir.name, "migrate")
-        token = run_cli(
-            cli, env, workdir.name, "create-token", "--user", "bench", "--role", "reader"
-        )
-        token = token.strip().splitlines()[-1]
-        port = free_port()
-        log = Path(workdir.name) / "server.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [cli, "serve", "--port", str(port)],
-                env=env,
-                cwd=workdir.name,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        figures = asyncio.run(
-            bench(f"http://127.0.0.1:{port}", process, log, token, database_url, args.repeat)
-        )
+        with serving(built.env, built.workdir) as server:
+            figures = asyncio.run(bench(server, built.reader, built.database_url, args.repeat))
         print()
         for item in figures:
             goal = (
@@ -321,13 +265,6 @@ def main() -> None:
                 json.dumps({"title": TITLE, "figures": figures, "context": context}, indent=2)
                 + "\n"
             )
-    finally:
-        if process is not None:
-            stop(process)
-        if moto is not None:
-            moto.stop()
-        workdir.cleanup()
-        asyncio.run(admin_execute(f'DROP DATABASE IF EXISTS "{created}" WITH (FORCE)'))
 
 
 if __name__ == "__main__":

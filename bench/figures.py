@@ -1,5 +1,6 @@
 """The figures every bench script writes with `--json PATH` (the convention of issue 12), and
-the machine they were measured on. `bench/results.py` reads these files into RESULTS.md.
+the machine and the processes they were measured on. `bench/results.py` reads these files into
+RESULTS.md.
 
     {"title": str, "figures": [{"name", "value", "unit", "goal", "ok", "note"}], "context": {}}
 """
@@ -63,6 +64,21 @@ class Report:
         Path(path).write_text(json.dumps(body, indent=2, allow_nan=False, default=str) + "\n")
 
 
+def figure_dict(
+    name: str,
+    value: float,
+    unit: str,
+    goal: str | None = None,
+    ok: bool | None = None,
+    note: str | None = None,
+    *,
+    digits: int,
+) -> dict[str, Any]:
+    """A figure as the JSON holds it, its value rounded to `digits` (an int stays an int), for
+    the scripts that write their JSON themselves."""
+    return asdict(Figure(name, round(value, digits), unit, goal, ok, note))
+
+
 def add_json_argument(parser: Any) -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
 
@@ -72,6 +88,14 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
+
+
+def proc_status_kib(pid: int, field: str) -> int:
+    """A memory figure of a process, from /proc/PID/status: VmRSS, or VmHWM (its peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
 
 
 def machine() -> dict[str, Any]:

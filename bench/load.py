@@ -29,27 +29,20 @@ from figures import Report, add_json_argument
 from harness import (
     CLI,
     Stack,
+    add_workers_argument,
     background_settled,
     count_masks,
-    default_workers,
+    mask_pngs,
     run_wrk,
     seed_trees,
     served,
     stack,
     tree_body,
+    workers_or_default,
 )
 from peers import compare, context
-from PIL import Image
-from upload_cli import mask
 
 P95_GOAL_MS = 200
-
-
-def make_pngs(folder: Path, count: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for index in range(count):
-        Image.fromarray(mask(index, count)).save(folder / f"slice_{index:05d}.png")
-    return folder
 
 
 def upload(base_url: str, token: str, source: Path, study: str) -> dict[str, Any]:
@@ -110,7 +103,7 @@ async def uploads_started(
 
 
 async def main_async(args: argparse.Namespace, built: Stack, report: Report, work: Path) -> None:
-    pngs = make_pngs(work / "pngs", args.slices)
+    pngs = mask_pngs(work / "pngs", args.slices)
     async with served(built, args.workers) as base_url:
         started = time.perf_counter()
         small = await seed_trees(base_url, built, args.trees, 2, 50, "1.2.826.0.1.3680043.12.1")
@@ -118,8 +111,7 @@ async def main_async(args: argparse.Namespace, built: Stack, report: Report, wor
             f"seeded {args.trees} trees of 2x50 in {time.perf_counter() - started:.0f} s",
             flush=True,
         )
-        waited = await background_settled(built)
-        print(f"the validation job reported on every group after {waited:.0f} s", flush=True)
+        await background_settled(built)
         bodies = [tree_body(tree) for tree in small]
         auth = {"Authorization": f"Bearer {built.reader}"}
         masks = await count_masks(
@@ -183,8 +175,7 @@ async def main_async(args: argparse.Namespace, built: Stack, report: Report, wor
             started = time.perf_counter()
             (big,) = await seed_trees(base_url, built, 1, 10, 1000, "1.2.826.0.1.3680043.12.2")
             print(f"seeded a tree of 10x1000 in {time.perf_counter() - started:.0f} s", flush=True)
-            waited = await background_settled(built)
-            print(f"the validation job reported on every group after {waited:.0f} s", flush=True)
+            await background_settled(built)
             print("beside the peers:")
             await compare(
                 report, built, base_url, small, big, seconds=args.peer_seconds, workers=args.workers
@@ -193,12 +184,7 @@ async def main_async(args: argparse.Namespace, built: Stack, report: Report, wor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="serve --workers N (default: every core if serve has the flag)",
-    )
+    add_workers_argument(parser)
     parser.add_argument("--viewers", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--uploads", type=int, default=2)
@@ -210,8 +196,7 @@ def main() -> None:
     parser.add_argument("--peer-seconds", type=float, default=15, help="each timed comparison run")
     add_json_argument(parser)
     args = parser.parse_args()
-    if args.workers is None:
-        args.workers = default_workers()
+    args.workers = workers_or_default(args.workers)
     report = Report("Viewers at scale, uploads at the same time; peers (goals 1, 2, 3)")
     with stack() as built, tempfile.TemporaryDirectory(prefix="pacs-masks-load-") as work:
         report.context = context(built, args.workers)

@@ -35,17 +35,20 @@ from figures import Report, add_json_argument, machine
 from harness import (
     Stack,
     Tree,
+    add_workers_argument,
     background_settled,
     count_masks,
-    default_workers,
+    free_port,
+    postgres_version,
     run_wrk,
     seed_trees,
     served,
     stack,
+    stop,
     tree_body,
+    workers_or_default,
     wrk_version,
 )
-from run import free_port, postgres_version
 
 POSTGRAPHILE = "postgraphile@4"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pacs-masks-bench"
@@ -137,12 +140,7 @@ async def postgraphile(database_url: str, workdir: Path) -> AsyncIterator[tuple[
                 await asyncio.sleep(0.2)
         yield url, version
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def peer_body(tree: Tree) -> str:
@@ -295,8 +293,7 @@ async def seed_for_comparison(
 async def main_async(args: argparse.Namespace, built: Stack, report: Report) -> None:
     async with served(built, args.workers) as base_url:
         small, big = await seed_for_comparison(base_url, built, args.trees)
-        waited = await background_settled(built)
-        print(f"the validation job reported on every group after {waited:.0f} s", flush=True)
+        await background_settled(built)
         await compare(
             report, built, base_url, small, big, seconds=args.seconds, workers=args.workers
         )
@@ -314,18 +311,12 @@ def context(built: Stack, workers: int | None) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="serve --workers N (default: every core if serve has the flag)",
-    )
+    add_workers_argument(parser)
     parser.add_argument("--seconds", type=float, default=15, help="each timed run")
     parser.add_argument("--trees", type=int, default=10, help="small trees to rotate over")
     add_json_argument(parser)
     args = parser.parse_args()
-    if args.workers is None:
-        args.workers = default_workers()
+    args.workers = workers_or_default(args.workers)
     report = Report("Tree query beside PostGraphile 4 and the json_agg bound (goals 2 and 3)")
     with stack() as built:
         report.context = context(built, args.workers)

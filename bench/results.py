@@ -124,7 +124,7 @@ def package_version(name: str) -> str:
 
 async def postgres_version() -> str:
     import asyncpg
-    from run import ADMIN_URL
+    from harness import ADMIN_URL
 
     try:
         connection = await asyncpg.connect(ADMIN_URL)

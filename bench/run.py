@@ -9,219 +9,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import hashlib
-import logging
 import os
 import platform
-import re
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
-from figures import Report, add_json_argument, machine
-from moto.server import ThreadedMotoServer
+from figures import Report, add_json_argument, cpu_model, machine, proc_status_kib
+from harness import (
+    TREE,
+    Client,
+    Server,
+    moto_settings,
+    postgres_version,
+    serving,
+    stack,
+)
 
-from app.config import Settings
 from app.main import open_storage
-
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
-BIN = Path(sys.executable).parent
-BUCKET = "pacs-masks-bench"
-PUT_CONCURRENCY = 32
-TIMING = re.compile(r"app;dur=([0-9.]+)")
-
-CREATE_ANNOTATION = """mutation($input: CreateAnnotationInput!) {
-  createAnnotation(input: $input) { id } }"""
-CREATE_GROUP = """mutation($input: CreateMaskGroupInput!) {
-  createMaskGroup(input: $input) { id sliceCount status } }"""
-REQUEST_URLS = """mutation($groupId: ID!, $slices: [SliceUploadInput!]!) {
-  requestMaskUploadUrls(groupId: $groupId, slices: $slices, ttlSeconds: 600) {
-    sliceIndex filePath url method headers { name value } expiresAt } }"""
-COMPLETE = """mutation($groupId: ID!, $slices: [CompletedSliceInput!]!) {
-  completeMaskUpload(groupId: $groupId, slices: $slices) {
-    maskGroup { id status uploadedSliceCount missingSliceIndexes totalBytes }
-    masks { id sliceIndex labelName checksum } } }"""
-TREE = """query($id: ID!) {
-  annotation(id: $id) {
-    id maskGroups { id status uploadedSliceCount
-      masks { id sliceIndex labelName filePath fileSize checksum mimeType viewUrl } } } }"""
-
-
-def png_bytes(seed: int = 0, size: int = 64) -> bytes:
-    """A small body that starts like a PNG; storage never decodes it."""
-    return b"\x89PNG\r\n\x1a\n" + hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1)
-
-
-def content_md5(body: bytes) -> str:
-    return base64.b64encode(hashlib.md5(body).digest()).decode()
-
-
-class Client:
-    """GraphQL over HTTP; keeps the server time and size of the last answer."""
-
-    def __init__(self, http: httpx.AsyncClient, token: str) -> None:
-        self.http = http
-        # Only GraphQL calls carry the token: a presigned URL is its own authorisation.
-        self.auth = {"Authorization": f"Bearer {token}"}
-        self.server_ms = 0.0
-        self.size = 0
-        self.phases = (0.0, 0.0, 0.0)  # wall seconds of the last upload: request, PUTs, complete
-        self.last_keys: list[str] = []  # object keys of the last upload
-
-    async def data(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
-        payload = {"query": query, "variables": variables}
-        response = await self.http.post("/graphql", json=payload, headers=self.auth)
-        body: dict[str, Any] = response.json()
-        if response.status_code != 200 or body.get("errors"):
-            raise RuntimeError(f"GraphQL failed ({response.status_code}): {response.text[:500]}")
-        match = TIMING.search(response.headers.get("server-timing", ""))
-        self.server_ms = float(match.group(1)) if match else float("nan")
-        self.size = len(response.content)
-        data: dict[str, Any] = body["data"]
-        return data
-
-    async def annotation(self, study: str) -> str:
-        variables = {"input": {"studyInstanceUid": study, "seriesInstanceUid": f"{study}.1"}}
-        data = await self.data(CREATE_ANNOTATION, variables)
-        return str(data["createAnnotation"]["id"])
-
-    async def group(self, annotation_id: str, slice_count: int) -> str:
-        variables = {"input": {"annotationId": annotation_id, "sliceCount": slice_count}}
-        data = await self.data(CREATE_GROUP, variables)
-        return str(data["createMaskGroup"]["id"])
-
-    async def upload(self, group_id: str, count: int) -> tuple[float, float]:
-        """request URLs, PUT every slice, complete; the server ms of request and complete."""
-        bodies = {index: png_bytes(index) for index in range(count)}
-        slices = [
-            {"sliceIndex": i, "fileSize": len(body), "contentMd5": content_md5(body)}
-            for i, body in bodies.items()
-        ]
-        started = time.perf_counter()
-        data = await self.data(REQUEST_URLS, {"groupId": group_id, "slices": slices})
-        request_ms, requested = self.server_ms, time.perf_counter()
-        data_targets = data["requestMaskUploadUrls"]
-        await self.put_all(data_targets, bodies)
-        done = [{"sliceIndex": i, "width": 512, "height": 512} for i in bodies]
-        put = time.perf_counter()
-        data = await self.data(COMPLETE, {"groupId": group_id, "slices": done})
-        self.phases = (requested - started, put - requested, time.perf_counter() - put)
-        self.last_keys = [target["filePath"] for target in data_targets]
-        if data["completeMaskUpload"]["maskGroup"]["uploadedSliceCount"] != count:
-            raise RuntimeError(f"group {group_id} is not complete: {data}")
-        return request_ms, self.server_ms
-
-    async def put_all(self, targets: list[dict[str, Any]], bodies: dict[int, bytes]) -> None:
-        gate = asyncio.Semaphore(PUT_CONCURRENCY)
-
-        async def put(target: dict[str, Any]) -> None:
-            headers = {header["name"]: header["value"] for header in target["headers"]}
-            async with gate:
-                response = await self.http.request(
-                    target["method"],
-                    target["url"],
-                    content=bodies[target["sliceIndex"]],
-                    headers=headers,
-                )
-            if response.status_code != 200:
-                raise RuntimeError(f"PUT {target['filePath']}: {response.status_code}")
-
-        await asyncio.gather(*(put(target) for target in targets))
-
-
-def start_moto() -> tuple[ThreadedMotoServer, str]:
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    starter = threading.Thread(target=server.start, daemon=True)
-    starter.start()
-    starter.join(20)
-    if starter.is_alive():
-        raise RuntimeError("moto server did not start")
-    host, port = server.get_host_and_port()
-    return server, f"http://{host}:{port}"
-
-
-def server_env(database_url: str, moto_url: str) -> dict[str, str]:
-    # Nothing of the developer's own configuration may leak in: drop every Settings variable.
-    names = {name.upper() for name in Settings.model_fields} | {"AWS_SESSION_TOKEN"}
-    env = {key: value for key, value in os.environ.items() if key.upper() not in names}
-    env.update(
-        DATABASE_URL=database_url,
-        STORAGE_PROVIDER="s3",
-        S3_ENDPOINT_URL=moto_url,
-        S3_BUCKET_NAME=BUCKET,
-        S3_FORCE_PATH_STYLE="true",
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        LOG_LEVEL="warning",
-    )
-    return env
-
-
-def run_cli(cli: str, env: dict[str, str], cwd: str, *args: str) -> str:
-    command = [cli, *args]
-    done = subprocess.run(command, check=False, env=env, cwd=cwd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"pacs-masks {args[0]} failed: {(done.stdout + done.stderr)[-3000:]}")
-    return done.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def wait_ready(base_url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    async with httpx.AsyncClient(base_url=base_url, timeout=1) as http:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text(errors='replace')[-2000:]}")
-            try:
-                if (await http.get("/healthz")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError("server did not answer /healthz within 30 s")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
-
-
-def proc_status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/{pid}/status")
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
 
 Row = tuple[str, str, str, str, str]
 
@@ -310,47 +118,10 @@ async def run(client: Client, repeat: int, pid: int) -> list[Row]:
     ]
 
 
-async def admin_execute(sql: str) -> None:
-    connection = await asyncpg.connect(ADMIN_URL)
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
-
-
-async def postgres_version(database_url: str) -> str:
-    connection = await asyncpg.connect(database_url.replace("+asyncpg", ""))
-    try:
-        return str(await connection.fetchval("SELECT version()"))
-    finally:
-        await connection.close()
-
-
-def storage_settings(moto_url: str) -> Settings:
-    return Settings(
-        _env_file=None,
-        storage_provider="s3",
-        s3_bucket_name=BUCKET,
-        s3_endpoint_url=moto_url,
-        s3_public_endpoint_url=None,
-        s3_force_path_style=True,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-
-
-async def create_bucket(moto_url: str) -> None:
-    storage = await open_storage(storage_settings(moto_url))
-    try:
-        await storage.ensure_bucket([])
-    finally:
-        await storage.aclose()
-
-
 async def storage_rows(moto_url: str, keys: list[str], repeat: int) -> list[Row]:
     """What completion waits on (the storage listing) and what presigning costs, measured
     here with the server's own storage code, to read the server's figures against."""
-    storage = await open_storage(storage_settings(moto_url))
+    storage = await open_storage(moto_settings(moto_url))
     try:
         listing_ms: list[float] = []
         presign_ms: list[float] = []
@@ -380,15 +151,12 @@ async def storage_rows(moto_url: str, keys: list[str], repeat: int) -> list[Row]
     ]
 
 
-async def bench(
-    port: int, process: subprocess.Popen[bytes], log: Path, token: str, repeat: int
-) -> tuple[list[Row], list[str]]:
-    base_url = f"http://127.0.0.1:{port}"
-    await wait_ready(base_url, process, log)
+async def bench(server: Server, token: str, repeat: int) -> tuple[list[Row], list[str]]:
+    await server.ready()
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as http:
         client = Client(http, token)
-        rows = await run(client, repeat, process.pid)
+        rows = await run(client, repeat, server.process.pid)
         return rows, client.last_keys
 
 
@@ -399,60 +167,23 @@ def main() -> None:
     add_json_argument(parser)
     args = parser.parse_args()
 
-    created = None
-    database_url: str = args.database_url
-    if database_url is None:
-        created = f"pacs_masks_bench_{uuid.uuid4().hex[:12]}"
-        asyncio.run(admin_execute(f'CREATE DATABASE "{created}"'))
-        database_url = f"{ADMIN_URL.rsplit('/', 1)[0]}/{created}"
-    moto: ThreadedMotoServer | None = None
-    process: subprocess.Popen[bytes] | None = None
-    workdir = tempfile.TemporaryDirectory(prefix="pacs-masks-bench-")
-    try:
+    with stack(args.database_url, moto=True) as built:
         print(f"machine:    {platform.platform()}")
         print(f"python:     {sys.version.split()[0]} ({platform.python_implementation()})")
         print(f"cpu:        {cpu_model()}, {os.cpu_count()} cores")
-        postgresql = asyncio.run(postgres_version(database_url))
+        postgresql = asyncio.run(postgres_version(built.database_url))
         print(f"postgresql: {postgresql}")
         print(f"repeat:     {args.repeat}\n")
 
-        moto, moto_url = start_moto()
-        asyncio.run(create_bucket(moto_url))
-        env = server_env(database_url, moto_url)
-        cli = str(BIN / "pacs-masks")
-        # The working directory is empty, so no .env file is read and no var/ is created here.
-        run_cli(cli, env, workdir.name, "migrate")
-        # An UPLOADER token, as an inference worker has; the secret is the last line printed.
-        token = run_cli(
-            cli, env, workdir.name, "create-token", "--user", "bench", "--role", "uploader"
-        )
-        token = token.strip().splitlines()[-1]
-        port = free_port()
-        log = Path(workdir.name) / "server.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [cli, "serve", "--port", str(port)],
-                env=env,
-                cwd=workdir.name,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        rows, keys = asyncio.run(bench(port, process, log, token, args.repeat))
-        rows += asyncio.run(storage_rows(moto_url, keys, args.repeat))
-        print()
-        print_table(rows)
-        context = {**machine(), "postgresql": postgresql, "s3": "moto (in the bench process)"}
-        context["repeat"] = args.repeat
-        report_of(rows, context).write(args.json)
-    finally:
-        if process is not None:
-            stop(process)
-        if moto is not None:
-            moto.stop()
-        workdir.cleanup()
-        if created is not None:
-            asyncio.run(admin_execute(f'DROP DATABASE IF EXISTS "{created}" WITH (FORCE)'))
+        # The UPLOADER token, as an inference worker has.
+        with serving(built.env, built.workdir) as server:
+            rows, keys = asyncio.run(bench(server, built.uploader, args.repeat))
+            rows += asyncio.run(storage_rows(built.s3_endpoint, keys, args.repeat))
+    print()
+    print_table(rows)
+    context = {**machine(), "postgresql": postgresql, "s3": "moto (in the bench process)"}
+    context["repeat"] = args.repeat
+    report_of(rows, context).write(args.json)
 
 
 if __name__ == "__main__":

@@ -20,17 +20,20 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from figures import figure_dict, proc_status_kib
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
@@ -48,6 +51,8 @@ PEAK_GOAL_VOLUMES = 2.0
 OVERLAP_GOAL_RATIO = 1.25
 VOLUME_FIGURE = "one label volume"
 
+figure = partial(figure_dict, digits=3)
+
 
 class PeakRss:
     """The process's peak RSS from now on, in MiB above its RSS now. Linux resets the peak
@@ -58,16 +63,13 @@ class PeakRss:
             Path("/proc/self/clear_refs").write_text("5")
             self.baseline = self._status("VmRSS")
             self.reset = True
-        except OSError:
+        except (OSError, RuntimeError):
             self.baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             self.reset = False
 
     @staticmethod
     def _status(field: str) -> float:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 1024
-        raise OSError(f"no {field} in /proc/self/status")
+        return proc_status_kib(os.getpid(), field) / 1024
 
     def above(self) -> float:
         peak = (
@@ -117,19 +119,6 @@ def mask_png(size: int, index: int, label: int, overlap: bool) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(plane, mode="L").save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def figure(
-    name: str, value: float, unit: str, goal: str | None = None, ok: bool | None = None
-) -> dict[str, Any]:
-    return {
-        "name": name,
-        "value": round(value, 3),
-        "unit": unit,
-        "goal": goal,
-        "ok": ok,
-        "note": None,
-    }
 
 
 async def export_case(args: argparse.Namespace, overlap: bool) -> list[dict[str, Any]]:

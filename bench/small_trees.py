@@ -18,36 +18,25 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import httpx
-from moto.server import ThreadedMotoServer
-from run import (
-    ADMIN_URL,
+from harness import (
     BIN,
     TIMING,
     TREE,
     Client,
-    admin_execute,
-    cpu_model,
-    create_bucket,
-    free_port,
-    postgres_version,
-    run_cli,
-    server_env,
-    start_moto,
-    stop,
-    wait_ready,
+    Server,
+    host_context,
+    print_context,
+    serving,
+    stack,
 )
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -61,7 +50,7 @@ BASELINE_PER_CPU_SECOND = 63.0
 
 def tree_query(name: str) -> str:
     """readme: the README's step-6 query (a presigned downloadUrl per mask as well);
-    viewer: bench/run.py's TREE, what the web viewer asks (viewUrl only)."""
+    viewer: bench/harness.py's TREE, what the web viewer asks (viewUrl only)."""
     return readme_tree_query() if name == "readme" else " ".join(TREE.split())
 
 
@@ -248,24 +237,21 @@ def print_result(concurrency: int, result: dict[str, float]) -> None:
 
 
 async def bench(
-    port: int,
-    process: subprocess.Popen[bytes],
-    log: Path,
+    server: Server,
     tokens: tuple[str, str],
     levels: list[int],
     seconds: float,
     query: str,
     profile_path: Path | None,
 ) -> list[tuple[int, dict[str, float]]]:
-    base_url = f"http://127.0.0.1:{port}"
-    await wait_ready(base_url, process, log)
+    await server.ready()
     uploader, reader = tokens
-    annotation = await seed(base_url, uploader)
+    annotation = await seed(server.url, uploader)
     results = []
     for index, concurrency in enumerate(levels):
         path = profile_path if index == 0 else None
         result = await drive(
-            base_url, reader, annotation, concurrency, seconds, process.pid, query, path
+            server.url, reader, annotation, concurrency, seconds, server.process.pid, query, path
         )
         print_result(concurrency, result)
         results.append((concurrency, result))
@@ -299,70 +285,26 @@ def main() -> None:
     workers = ["--workers", str(args.workers)] if args.workers > 1 else []
     levels = [int(level) for level in args.concurrency.split(",")]
 
-    created = None
-    database_url: str = args.database_url
-    if database_url is None:
-        created = f"pacs_masks_bench_{uuid.uuid4().hex[:12]}"
-        asyncio.run(admin_execute(f'CREATE DATABASE "{created}"'))
-        database_url = f"{ADMIN_URL.rsplit('/', 1)[0]}/{created}"
-    moto: ThreadedMotoServer | None = None
-    process: subprocess.Popen[bytes] | None = None
-    workdir = tempfile.TemporaryDirectory(prefix="pacs-masks-bench-")
-    context = {
-        "machine": platform.platform(),
-        "python": sys.version.split()[0],
-        "cpu": f"{cpu_model()}, {os.cpu_count()} cores",
-        "postgresql": asyncio.run(postgres_version(database_url)),
-        "tree": f"{GROUPS} groups x {MASKS_PER_GROUP} masks, {args.query} query",
-        "seconds": args.seconds,
-        "workers": args.workers,
-    }
-    try:
-        for name, value in context.items():
-            print(f"{name + ':':<12}{value}")
+    with stack(args.database_url, moto=True) as built:
+        context: dict[str, Any] = {
+            **host_context(built.database_url),
+            "tree": f"{GROUPS} groups x {MASKS_PER_GROUP} masks, {args.query} query",
+            "seconds": args.seconds,
+            "workers": args.workers,
+        }
+        print_context(context)
         print()
-        moto, moto_url = start_moto()
-        asyncio.run(create_bucket(moto_url))
-        env = server_env(database_url, moto_url)
-        cli = str(BIN / "pacs-masks")
-        run_cli(cli, env, workdir.name, "migrate")
-        tokens = tuple(
-            run_cli(cli, env, workdir.name, "create-token", "--user", user, "--role", role)
-            .strip()
-            .splitlines()[-1]
-            for user, role in (("bench-worker", "uploader"), ("bench-viewer", "reader"))
-        )
-        port = free_port()
-        log = Path(workdir.name) / "server.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [cli, "serve", "--port", str(port), *workers],
-                env=env,
-                cwd=workdir.name,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
+        with serving(built.env, built.workdir, *workers) as server:
+            results = asyncio.run(
+                bench(
+                    server,
+                    (built.uploader, built.reader),
+                    levels,
+                    args.seconds,
+                    tree_query(args.query),
+                    args.py_spy,
+                )
             )
-        results = asyncio.run(
-            bench(
-                port,
-                process,
-                log,
-                (tokens[0], tokens[1]),
-                levels,
-                args.seconds,
-                tree_query(args.query),
-                args.py_spy,
-            )
-        )
-    finally:
-        if process is not None:
-            stop(process)
-        if moto is not None:
-            moto.stop()
-        workdir.cleanup()
-        if created is not None:
-            asyncio.run(admin_execute(f'DROP DATABASE IF EXISTS "{created}" WITH (FORCE)'))
     if args.json:
         figures = [row for level, result in results for row in figures_of(level, result)]
         report = {"title": "Small trees: many viewers", "figures": figures, "context": context}

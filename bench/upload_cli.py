@@ -18,37 +18,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
-from figures import Report, add_json_argument, machine
-from PIL import Image
-from run import (
-    ADMIN_URL,
-    BIN,
-    admin_execute,
-    cpu_model,
-    create_bucket,
-    free_port,
-    proc_status_kib,
-    run_cli,
-    server_env,
-    start_moto,
-    stop,
-    wait_ready,
+from figures import Report, add_json_argument, cpu_model, machine, proc_status_kib
+from harness import (
+    CLI,
+    mask,
+    serving,
+    stack,
 )
+from PIL import Image
 
 SIZE = 512
-
-
-def mask(index: int, count: int) -> np.ndarray:
-    """An organ-like blob whose radius follows the slice: small, compressible, realistic."""
-    y, x = np.ogrid[:SIZE, :SIZE]
-    radius = 40 + 120 * np.sin(np.pi * (index + 0.5) / count)
-    blob = (x - SIZE // 2 - 30) ** 2 + (y - SIZE // 2) ** 2 <= radius**2
-    lesion = (x - SIZE // 2 + 60) ** 2 + (y - SIZE // 2 + 20) ** 2 <= (radius / 5) ** 2
-    return (blob.astype(np.uint8) + lesion.astype(np.uint8)).astype(np.uint8)
 
 
 def make_inputs(folder: Path, count: int) -> tuple[Path, Path]:
@@ -67,10 +49,10 @@ def make_inputs(folder: Path, count: int) -> tuple[Path, Path]:
 
 
 def upload(
-    cli: str, env: dict[str, str], source: Path, concurrency: int
+    env: dict[str, str], source: Path, concurrency: int
 ) -> tuple[dict[str, object], float, float, int]:
     """Runs one upload; returns its summary, wall seconds, client CPU seconds, peak RSS KiB."""
-    command = [cli, "upload", str(source), "--study-uid", "1.2.3.4", "--model", "bench"]
+    command = [CLI, "upload", str(source), "--study-uid", "1.2.3.4", "--model", "bench"]
     command += ["--concurrency", str(concurrency), "--json"]
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
@@ -100,44 +82,21 @@ def upload(
     return summary, wall, cpu, peak_kib
 
 
-async def main_async(args: argparse.Namespace, workdir: Path, report: Report) -> None:
-    created = f"pacs_masks_bench_{uuid.uuid4().hex[:12]}"
-    await admin_execute(f'CREATE DATABASE "{created}"')
-    database_url = f"{ADMIN_URL.rsplit('/', 1)[0]}/{created}"
-    moto, moto_url = start_moto()
-    process = None
-    try:
-        await create_bucket(moto_url)
-        env = server_env(database_url, moto_url)
-        cli = str(BIN / "pacs-masks")
-        run_cli(cli, env, str(workdir), "migrate")
-        token = run_cli(
-            cli, env, str(workdir), "create-token", "--user", "bench", "--role", "uploader"
-        )
-        port = free_port()
-        log = workdir / "server.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(  # noqa: ASYNC220 (started once, before any load)
-                [cli, "serve", "--port", str(port)],
-                env=env,
-                cwd=workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        await wait_ready(f"http://127.0.0.1:{port}", process, log)
+def measure(args: argparse.Namespace, workdir: Path, report: Report) -> None:
+    with stack(moto=True) as built, serving(built.env, built.workdir) as server:
+        asyncio.run(server.ready())
         pngs, volume = make_inputs(workdir, args.slices)
         client_env = {
             "PATH": os.environ.get("PATH", ""),
-            "PACS_MASKS_URL": f"http://127.0.0.1:{port}",
-            "PACS_MASKS_TOKEN": token.strip().splitlines()[-1],
+            "PACS_MASKS_URL": server.url,
+            "PACS_MASKS_TOKEN": built.uploader,
         }
         print(
             f"{'input':<24} {'slices/s':>9} {'MB/s':>6} {'upload s':>9} {'wall s':>7} "
             f"{'client CPU s':>12} {'peak RSS':>9}"
         )
         for name, source in (("folder of PNGs", pngs), ("NumPy volume (encoded)", volume)):
-            summary, wall, cpu, peak_kib = upload(cli, client_env, source, args.concurrency)
+            summary, wall, cpu, peak_kib = upload(client_env, source, args.concurrency)
             seconds = float(summary["seconds"])  # type: ignore[arg-type]
             slices = int(summary["uploadedSlices"])  # type: ignore[call-overload]
             megabytes = int(summary["uploadedBytes"]) / 1e6  # type: ignore[call-overload]
@@ -152,11 +111,6 @@ async def main_async(args: argparse.Namespace, workdir: Path, report: Report) ->
             report.add(f"{name}: process wall clock", wall, "s", note="with start-up")
             report.add(f"{name}: client CPU", cpu, "s")
             report.add(f"{name}: client peak RSS", peak_kib / 1024, "MiB")
-    finally:
-        if process is not None:
-            stop(process)
-        moto.stop()
-        await admin_execute(f'DROP DATABASE IF EXISTS "{created}" WITH (FORCE)')
 
 
 def main() -> None:
@@ -170,7 +124,7 @@ def main() -> None:
     report = Report(f"`pacs-masks upload` end to end, {args.slices} masks of {SIZE}x{SIZE} (moto)")
     report.context = {**machine(), "s3": "moto (in the bench process)"}
     with tempfile.TemporaryDirectory(prefix="pacs-masks-bench-") as workdir:
-        asyncio.run(main_async(args, Path(workdir), report))
+        measure(args, Path(workdir), report)
     report.write(args.json)
 
 

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import hashlib
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,16 +23,14 @@ from typing import Any
 
 import httpx
 from figures import Report, add_json_argument, machine
+from harness import BIN, PUT_CONCURRENCY, content_md5, serving
 from playwright.async_api import Page, async_playwright
-from run import free_port, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from browser import CHROMIUM, CHROMIUM_ARGS, mask_png
 
-BIN = Path(sys.executable).parent
 BATCH = 5000
-PUT_CONCURRENCY = 32
 
 
 async def gql(http: httpx.AsyncClient, query: str, variables: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +44,7 @@ async def gql(http: httpx.AsyncClient, query: str, variables: dict[str, Any]) ->
 async def seed_group(http: httpx.AsyncClient, annotation_id: str, slices: int) -> str:
     """A COMPLETE group of `slices` slices, uploaded the way a worker does (not timed)."""
     bodies = [mask_png(index % 16, 128) for index in range(16)]
-    md5s = [base64.b64encode(hashlib.md5(body).digest()).decode() for body in bodies]
+    md5s = [content_md5(body) for body in bodies]
     group = await gql(
         http,
         "mutation($i: CreateMaskGroupInput!) { createMaskGroup(input: $i) { id } }",
@@ -159,25 +154,13 @@ async def upload_rate(
     return time.perf_counter() - started
 
 
-def start_server(work: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {"VAR_DIR": str(work / "var"), "LOG_LEVEL": "warning"}
-    return subprocess.Popen(
-        [str(BIN / "pacs-masks"), "serve", "--port", str(port)],
-        cwd=work,
-        env={**env, "PATH": str(BIN)},
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-
-
 async def bench(args: argparse.Namespace, work: Path, report: Report) -> None:
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    log = work / "server.log"
-    process = start_server(work, port, log)
-    try:
-        await wait_ready(base_url, process, log)
-        token = log.read_text().split("it is shown only once:\n", 1)[1].split()[0]
+    # The embedded default: SQLite and local disk under VAR_DIR.
+    env = {"VAR_DIR": str(work / "var"), "LOG_LEVEL": "warning", "PATH": str(BIN)}
+    with serving(env, work) as server:
+        base_url = server.url
+        await server.ready()
+        token = server.log.read_text().split("it is shown only once:\n", 1)[1].split()[0]
         auth = {"Authorization": f"Bearer {token}"}
         async with httpx.AsyncClient(base_url=base_url, timeout=120, headers=auth) as http:
             annotation = await gql(
@@ -221,8 +204,6 @@ async def bench(args: argparse.Namespace, work: Path, report: Report) -> None:
             shot = Path(args.screenshots) / "viewer-upload.png" if args.screenshots else None
             seconds = await upload_rate(page, base_url, annotation_id, folder, shot)
             await browser.close()
-    finally:
-        stop(process)
 
     print(
         f"upload of {args.upload} slices ({upload_bytes / 1e6:.1f} MB) through the page: "
