@@ -68,6 +68,8 @@ TREE = """query($id: ID!) {
   annotation(id: $id) {
     id maskGroups { id status uploadedSliceCount
       masks { id sliceIndex labelName filePath fileSize checksum mimeType viewUrl } } } }"""
+# TREE without viewUrl: the selection a peer without our URL signing can answer as well.
+PLAIN_TREE = TREE.replace(" viewUrl", "")
 
 
 def png_bytes(seed: int = 0, size: int = 64) -> bytes:
@@ -546,8 +548,8 @@ async def clone_children(
     )
 
 
-def tree_body(tree: Tree) -> str:
-    return json.dumps({"query": TREE, "variables": {"id": tree.gid}})
+def tree_body(tree: Tree, query: str = TREE) -> str:
+    return json.dumps({"query": query, "variables": {"id": tree.gid}})
 
 
 async def count_masks(url: str, body: str, headers: dict[str, str], path: list[str]) -> int:
