@@ -2,7 +2,7 @@
 subprocess so its peak memory can be read) on PostgreSQL and moto's S3 server over loopback.
 
 Seeds 10 groups × 1000 and 10 groups × 10,000 completed masks by bulk insert, times the TREE
-query of bench/run.py at concurrency 1 and, side by side, the raw SQL that returns the same
+query of bench/harness.py at concurrency 1 and, side by side, the raw SQL that returns the same
 tree as JSON with json_agg through asyncpg (the "raw-SQL JSON bound"; its viewUrl is the same
 path with a placeholder signature, since SQL cannot sign it), and reads the server's peak RSS
 after the 10 × 10,000 tree.

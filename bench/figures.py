@@ -113,3 +113,54 @@ def machine() -> dict[str, Any]:
         "python": f"{sys.version.split()[0]} ({platform.python_implementation()})",
         "load_average": [round(value, 2) for value in os.getloadavg()],
     }
+
+
+# Which of the machine's processes a CPU share is counted under, by the first match in its
+# command line; the rest is "other".
+CPU_CATEGORIES = (
+    ("our server", "pacs-masks serve"),
+    ("uploads (pacs-masks upload)", "pacs-masks upload"),
+    ("PostgreSQL", "postgres"),
+    ("SeaweedFS", "weed"),
+    ("wrk", "wrk"),
+    ("PostGraphile", "postgraphile"),
+)
+
+
+class CpuShares:
+    """CPU seconds each kind of process spent while a run lasted, read from /proc every half
+    second: a process that ends in between is counted up to its last reading."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[str, int, int]] = {}  # pid: category, first, last ticks
+
+    def sample(self) -> None:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                ticks = int(fields[11]) + int(fields[12])  # utime stime
+                known = self._seen.get(pid)
+                if known is None:
+                    command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    parent = self._seen.get(int(fields[1]))
+                    category = next(
+                        (name for name, mark in CPU_CATEGORIES if mark in command),
+                        # `serve --workers N` spawns its workers: they count as their parent.
+                        parent[0] if parent is not None else "other",
+                    )
+                    # A process first seen now started (or was first read) in this run.
+                    self._seen[pid] = (category, ticks, ticks)
+                else:
+                    self._seen[pid] = (known[0], known[1], ticks)
+            except (OSError, IndexError, ValueError):
+                continue
+
+    def seconds(self) -> dict[str, float]:
+        per_tick = 1 / os.sysconf("SC_CLK_TCK")
+        totals: dict[str, float] = {}
+        for category, first, last in self._seen.values():
+            totals[category] = totals.get(category, 0.0) + (last - first) * per_tick
+        return dict(sorted(totals.items(), key=lambda item: -item[1]))

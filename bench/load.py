@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from figures import Report, add_json_argument
+from figures import CpuShares, Report, add_json_argument
 from harness import (
     CLI,
     Stack,
@@ -63,7 +63,9 @@ def upload(base_url: str, token: str, source: Path, study: str) -> dict[str, Any
 
 async def viewers_with_uploads(
     args: argparse.Namespace, built: Stack, base_url: str, bodies: list[str], pngs: Path
-) -> tuple[Any, list[dict[str, Any]]]:
+) -> tuple[Any, list[dict[str, Any]], dict[str, float]]:
+    """The viewers' run, the uploads' summaries and the CPU seconds each kind of process
+    spent during the viewers' run."""
     auth = {"Authorization": f"Bearer {built.reader}"}
     url = f"{base_url}/graphql"
     await run_wrk(url, bodies, auth, connections=2, seconds=3)  # warm-up
@@ -79,8 +81,21 @@ async def viewers_with_uploads(
     # every upload has asked for its URLs, so the two overlap.
     waited = await uploads_started(built, args.uploads, uploads)
     print(f"  the uploads asked for URLs after {waited:.0f} s; the viewers start", flush=True)
-    load = await run_wrk(url, bodies, auth, connections=args.viewers, seconds=args.seconds)
-    return load, list(await uploads)
+    shares = CpuShares()
+    shares.sample()
+    sampling = asyncio.create_task(_sample_every(shares, 0.5))
+    try:
+        load = await run_wrk(url, bodies, auth, connections=args.viewers, seconds=args.seconds)
+    finally:
+        sampling.cancel()
+    shares.sample()
+    return load, list(await uploads), shares.seconds()
+
+
+async def _sample_every(shares: CpuShares, seconds: float) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        await asyncio.to_thread(shares.sample)
 
 
 async def uploads_started(
@@ -120,7 +135,7 @@ async def main_async(args: argparse.Namespace, built: Stack, report: Report, wor
         if masks != 100:
             raise RuntimeError(f"small tree has {masks} masks, expected 100")
 
-        viewers, uploads = await viewers_with_uploads(args, built, base_url, bodies, pngs)
+        viewers, uploads, cpu = await viewers_with_uploads(args, built, base_url, bodies, pngs)
         print(
             f"{args.viewers} viewers, small trees, {args.uploads} uploads of {args.slices} slices at the same time:"
         )
@@ -170,6 +185,17 @@ async def main_async(args: argparse.Namespace, built: Stack, report: Report, wor
             if slowest < args.seconds:
                 note = f"{report.figures[-1].note}; done before the viewers' run ended"
                 report.figures[-1].note = note
+
+        available = (os.cpu_count() or 1) * args.seconds
+        print(f"  CPU seconds during the viewers' run ({available:.0f} available):")
+        for name, spent in cpu.items():
+            print(f"    {name:<30} {spent:6.1f} s  ({spent / available:.0%})")
+            report.add(
+                f"CPU during the run: {name}",
+                spent / available * 100,
+                "% of the machine",
+                note=f"{spent:.1f} of {available:.0f} CPU seconds",
+            )
 
         if not args.no_peers:
             started = time.perf_counter()

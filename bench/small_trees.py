@@ -269,7 +269,7 @@ def main() -> None:
         "--query",
         choices=["readme", "viewer"],
         default="readme",
-        help="readme: the README's step-6 query (default); viewer: bench/run.py's TREE",
+        help="readme: the README's step-6 query (default); viewer: bench/harness.py's TREE",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
     parser.add_argument(

@@ -21,7 +21,7 @@ from websockets.typing import Subprotocol
 from app.graphql.cost import QueryCost
 
 README = Path(__file__).parent.parent / "README.md"
-BENCH = Path(__file__).parent.parent / "bench" / "run.py"
+BENCH = Path(__file__).parent.parent / "bench" / "harness.py"
 
 
 def readme_tree_query() -> str:
