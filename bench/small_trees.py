@@ -282,6 +282,8 @@ def main() -> None:
         "--workers", type=int, default=1, help="serve --workers N (where serve has it)"
     )
     args = parser.parse_args()
+    if args.py_spy is not None and not (BIN / "py-spy").exists():
+        parser.error(f"--py-spy needs py-spy in {BIN}: {BIN / 'pip'} install py-spy")
     workers = ["--workers", str(args.workers)] if args.workers > 1 else []
     levels = [int(level) for level in args.concurrency.split(",")]
 
