@@ -255,18 +255,6 @@ def _masks_statement_of_shape(
     offset: bool,
     names: tuple[str, ...] | None,
 ) -> tuple[Select[Any], Select[Any]]:
-    statement = _masks_select(slice_from, slice_to, label, limited, offset, names)
-    return statement, statement.limit(bindparam("first_rows"))
-
-
-def _masks_select(
-    slice_from: bool,
-    slice_to: bool,
-    label: bool,
-    limited: bool,
-    offset: bool,
-    names: tuple[str, ...] | None,
-) -> Select[Any]:
     conditions: list[ColumnElement[bool]] = [mask_table.c.mask_group_id.in_(IDS)]
     if slice_from:
         conditions.append(mask_table.c.slice_index >= bindparam("slice_from"))
@@ -276,20 +264,25 @@ def _masks_select(
         conditions.append(mask_table.c.label_name == bindparam("label"))
     names = tuple(mask_table.columns.keys()) if names is None else names
     columns = [mask_table.c[name] for name in dict.fromkeys(("mask_group_id", *names))]
+    statement: Select[Any]
     if not limited and not offset:
-        return select(*columns).where(*conditions).order_by(mask_table.c.mask_group_id, *MASK_ORDER)
-    # Paging applies per group, so number each group's masks and cut in one statement.
-    position = (
-        func.row_number()
-        .over(partition_by=mask_table.c.mask_group_id, order_by=MASK_ORDER)
-        .label("position")
-    )
-    numbered = select(*columns, position).where(*conditions).subquery()
-    window = [numbered.c.position > bindparam("offset")]
-    if limited:
-        window.append(numbered.c.position <= bindparam("last"))
-    return (
-        select(*(numbered.c[column.name] for column in columns))
-        .where(*window)
-        .order_by(numbered.c.mask_group_id, numbered.c.position)
-    )
+        statement = (
+            select(*columns).where(*conditions).order_by(mask_table.c.mask_group_id, *MASK_ORDER)
+        )
+    else:
+        # Paging applies per group, so number each group's masks and cut in one statement.
+        position = (
+            func.row_number()
+            .over(partition_by=mask_table.c.mask_group_id, order_by=MASK_ORDER)
+            .label("position")
+        )
+        numbered = select(*columns, position).where(*conditions).subquery()
+        window = [numbered.c.position > bindparam("offset")]
+        if limited:
+            window.append(numbered.c.position <= bindparam("last"))
+        statement = (
+            select(*(numbered.c[column.name] for column in columns))
+            .where(*window)
+            .order_by(numbered.c.mask_group_id, numbered.c.position)
+        )
+    return statement, statement.limit(bindparam("first_rows"))
