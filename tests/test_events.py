@@ -51,10 +51,8 @@ class LiveClient:
     async def send(self, message: dict[str, Any]) -> None:
         await self.socket.send(json.dumps(message))
 
-    async def receive(self) -> dict[str, Any]:
-        message: dict[str, Any] = json.loads(
-            await asyncio.wait_for(self.socket.recv(), WAIT_SECONDS)
-        )
+    async def receive(self, timeout: float = WAIT_SECONDS) -> dict[str, Any]:
+        message: dict[str, Any] = json.loads(await asyncio.wait_for(self.socket.recv(), timeout))
         return message
 
     async def subscribe(self, annotation_id: str, operation_id: str = "1") -> None:
@@ -66,8 +64,8 @@ class LiveClient:
             }
         )
 
-    async def event(self) -> dict[str, Any]:
-        message = await self.receive()
+    async def event(self, timeout: float = WAIT_SECONDS) -> dict[str, Any]:
+        message = await self.receive(timeout)
         assert message["type"] == "next", message
         assert "errors" not in message["payload"], message
         event: dict[str, Any] = message["payload"]["data"]["maskGroupEvents"]
