@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from conftest import base_settings, open_stack
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.config import Settings
 from app.db import create_engine, create_sessionmaker
 from app.jobs import (
     WOKEN_RETRY_SECONDS,
@@ -23,6 +27,7 @@ from app.jobs import (
 )
 from app.main import open_storage
 from app.models import JobRun, utcnow
+from app.storage import Storage
 
 
 async def test_a_failing_run_is_logged_and_retried_then_the_runner_stops(
@@ -97,9 +102,17 @@ async def test_serve_runs_the_sweeper_periodically(own_sqlite_url: str, tmp_path
         assert run.last_error is None
 
 
-async def test_wake_runs_a_job_now_rather_than_at_its_interval(
-    database_url: str, tmp_path: Path
-) -> None:
+@dataclass
+class Hourly:
+    """A job context whose jobs are due once an hour: what runs sooner was woken."""
+
+    settings: Settings
+    sessionmaker: async_sessionmaker[AsyncSession]
+    storage: Storage
+
+
+@pytest.fixture
+async def hourly(database_url: str, tmp_path: Path) -> AsyncIterator[Hourly]:
     settings = base_settings(
         database_url=database_url,
         var_dir=tmp_path,
@@ -108,6 +121,16 @@ async def test_wake_runs_a_job_now_rather_than_at_its_interval(
     )
     engine = create_engine(settings.resolved_database_url)
     storage = await open_storage(settings)
+    try:
+        yield Hourly(settings, create_sessionmaker(engine), storage)
+    finally:
+        await storage.aclose()
+        await engine.dispose()
+
+
+async def test_wake_runs_a_job_now_rather_than_at_its_interval(
+    hourly: Hourly, tmp_path: Path
+) -> None:
     runs = asyncio.Queue[int]()
 
     async def count(context: JobContext) -> int:
@@ -116,7 +139,8 @@ async def test_wake_runs_a_job_now_rather_than_at_its_interval(
 
     name = f"woken-{tmp_path.name}"
     job = Job(name, count, "cleanup_enabled", "cleanup_interval_seconds")
-    runner = JobRunner(JobContext(settings, create_sessionmaker(engine), storage, "test"), [job])
+    context = JobContext(hourly.settings, hourly.sessionmaker, hourly.storage, "test")
+    runner = JobRunner(context, [job])
     try:
         runner.start()
         # Twice: the second run is not due for an hour, and is run anyway.
@@ -126,24 +150,14 @@ async def test_wake_runs_a_job_now_rather_than_at_its_interval(
         assert runs.empty()
     finally:
         await runner.stop()
-        await storage.aclose()
-        await engine.dispose()
 
 
 async def test_a_wake_while_another_replica_holds_the_lease_runs_once_it_is_released(
-    database_url: str, tmp_path: Path
+    hourly: Hourly, tmp_path: Path
 ) -> None:
     # The other replica's run may have read before the work that woke us was committed: the
     # woken runner must run after it, not a whole interval (here an hour) later.
-    settings = base_settings(
-        database_url=database_url,
-        var_dir=tmp_path,
-        cleanup_enabled=True,
-        cleanup_interval_seconds=3600,
-    )
-    engine = create_engine(settings.resolved_database_url)
-    sessionmaker = create_sessionmaker(engine)
-    storage = await open_storage(settings)
+    sessionmaker = hourly.sessionmaker
     runs = asyncio.Queue[str]()
 
     async def record(context: JobContext) -> str:
@@ -152,7 +166,7 @@ async def test_a_wake_while_another_replica_holds_the_lease_runs_once_it_is_rele
 
     name = f"held-{tmp_path.name}"
     job = Job(name, record, "cleanup_enabled", "cleanup_interval_seconds")
-    runner = JobRunner(JobContext(settings, sessionmaker, storage, "woken"), [job])
+    runner = JobRunner(JobContext(hourly.settings, sessionmaker, hourly.storage, "woken"), [job])
     try:
         held = await acquire_lease(
             sessionmaker, name, "other", now=utcnow(), lease=timedelta(hours=1), force=True
@@ -167,5 +181,3 @@ async def test_a_wake_while_another_replica_holds_the_lease_runs_once_it_is_rele
         assert await asyncio.wait_for(runs.get(), timeout=WOKEN_RETRY_SECONDS * 10) == "woken"
     finally:
         await runner.stop()
-        await storage.aclose()
-        await engine.dispose()
